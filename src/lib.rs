@@ -1,0 +1,1 @@
+//! kiln: a package build service in one binary.
