@@ -1,1 +1,204 @@
-fn main() {}
+//! The `kiln` command: parses arguments, sets up logging, picks a role.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use kiln::client::Client;
+use kiln::config::Config;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "A package build service in one binary")]
+struct Cli {
+    /// The hub's URL.
+    #[arg(long, global = true, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+    hub: String,
+    /// API token (default: the admin token in the data dir).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Config file (TOML); see docs/config.md.
+    #[arg(long, global = true, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub: API, web pages and local build slots.
+    Serve(ServeArgs),
+    /// Submit, follow and inspect builds; `kiln build DIR` builds locally without a hub.
+    Build(BuildArgs),
+    /// List and download a build's artifacts.
+    #[command(subcommand)]
+    Artifact(ArtifactCmd),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Print the effective configuration (file, environment, defaults).
+    CheckConfig(ServeArgs),
+    /// The sandbox's init role (internal).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit { spec: PathBuf, result: PathBuf },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory.
+    #[arg(long, env = "KILN_DATA")]
+    data: Option<PathBuf>,
+    /// Local build slots (default: the number of cores; 0 = remote workers only).
+    #[arg(long)]
+    slots: Option<usize>,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BuildArgs {
+    #[command(subcommand)]
+    cmd: Option<BuildCmd>,
+    /// Build DIR locally, without a hub.
+    dir: Option<PathBuf>,
+    /// Where `kiln build DIR` writes the outputs.
+    #[arg(short, long, default_value = "kiln-out")]
+    out: PathBuf,
+    /// Store of local builds (default ~/.local/share/kiln).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BuildCmd {
+    /// Upload a source tree and queue a build; prints the build id.
+    Submit {
+        dir: PathBuf,
+        #[arg(long)]
+        project: Option<String>,
+        /// Package name (default: kiln.toml's [package] name, else the directory's name).
+        #[arg(long)]
+        package: Option<String>,
+        /// Follow the log after submitting.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Follow a build's log until it ends; exit code 0 if it succeeded, 1 if not.
+    Watch { id: u64 },
+    /// Recent builds.
+    List {
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+    },
+    /// A build's state and tasks.
+    Show { id: u64 },
+    /// A build's log so far.
+    Log { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum ArtifactCmd {
+    List { id: u64 },
+    /// Download an artifact by its listed path (or its file name if unique).
+    Get {
+        id: u64,
+        path: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (shown once).
+    Create {
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::SandboxInit { spec, result } = &cli.cmd {
+        // Before any thread exists: the init must be single-threaded.
+        return ExitCode::from(kiln::sandbox::init_main(spec, result).clamp(0, 255) as u8);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("kiln: error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_config(file: Option<&PathBuf>, a: &ServeArgs) -> anyhow::Result<Config> {
+    let mut c = Config::load(file.map(|p| p.as_path()))?;
+    if let Some(l) = a.listen {
+        c.server.listen = l;
+    }
+    if let Some(d) = &a.data {
+        c.server.data = d.clone();
+    }
+    if let Some(s) = a.slots {
+        c.build.slots = s;
+    }
+    Ok(c)
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let data_env = std::env::var_os("KILN_DATA").map(PathBuf::from);
+    let client = || {
+        Client::new(
+            &cli.hub,
+            kiln::cli::find_token(cli.token.clone(), data_env.as_deref()),
+        )
+    };
+    match &cli.cmd {
+        Cmd::Serve(a) => kiln::cli::serve(load_config(cli.config.as_ref(), a)?).await?,
+        Cmd::CheckConfig(a) => kiln::cli::check_config(&load_config(cli.config.as_ref(), a)?),
+        Cmd::SandboxInit { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Build(b) => match (&b.cmd, &b.dir) {
+            (None, Some(dir)) => return kiln::cli::build_local(dir, &b.out, b.data.clone()).await,
+            (None, None) => anyhow::bail!("give a directory to build, or a subcommand (see kiln build --help)"),
+            (Some(cmd), _) => match cmd {
+                BuildCmd::Submit {
+                    dir,
+                    project,
+                    package,
+                    watch,
+                } => {
+                    let c = client();
+                    let b = kiln::cli::submit(&c, dir, project.as_deref(), package.as_deref()).await?;
+                    println!("{}", b.id);
+                    if *watch {
+                        return kiln::cli::watch(&c, b.id).await;
+                    }
+                }
+                BuildCmd::Watch { id } => return kiln::cli::watch(&client(), *id).await,
+                BuildCmd::List { limit } => kiln::cli::list(&client(), *limit).await?,
+                BuildCmd::Show { id } => kiln::cli::show(&client(), *id).await?,
+                BuildCmd::Log { id } => kiln::cli::log(&client(), *id).await?,
+            },
+        },
+        Cmd::Artifact(ArtifactCmd::List { id }) => kiln::cli::artifact_list(&client(), *id).await?,
+        Cmd::Artifact(ArtifactCmd::Get { id, path, output }) => {
+            kiln::cli::artifact_get(&client(), *id, path, output.as_deref()).await?
+        }
+        Cmd::Token(TokenCmd::Create { name, admin }) => {
+            kiln::cli::token_create(&client(), name, *admin).await?
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,282 @@
+//! What each CLI command does. `main.rs` parses arguments and calls these;
+//! errors surface as one line and a non-zero exit.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::hub::{ADMIN_TOKEN_FILE, Hub};
+use crate::model::{Build, BuildState};
+
+/// Exit code of `build watch` / `build DIR` for a build that did not succeed.
+pub const EXIT_BUILD_FAILED: i32 = 1;
+
+/// Where the CLI finds its token: the flag/env value, else the admin token
+/// the hub left in its data dir (`--data`/`KILN_DATA`, default ./kiln-data).
+pub fn find_token(explicit: Option<String>, data: Option<&Path>) -> Option<String> {
+    if explicit.is_some() {
+        return explicit;
+    }
+    let dir = data
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Config::default().server.data);
+    std::fs::read_to_string(dir.join(ADMIN_TOKEN_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// `kiln serve`: run the hub until SIGINT or SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let running = crate::start(config, exe).await?;
+    eprintln!("kiln: listening on {}", running.url());
+    eprintln!(
+        "kiln: data in {}, admin token in {}",
+        running.hub.data_dir().display(),
+        running.hub.data_dir().join(ADMIN_TOKEN_FILE).display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("kiln: shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+pub fn check_config(config: &Config) {
+    print!("{}", config.to_toml());
+}
+
+pub async fn submit(
+    client: &Client,
+    dir: &Path,
+    project: Option<&str>,
+    package: Option<&str>,
+) -> anyhow::Result<Build> {
+    Ok(client.submit_dir(dir, project, package).await?)
+}
+
+/// Follows a build's log to stdout until it ends; returns the exit code.
+pub async fn watch(client: &Client, id: u64) -> anyhow::Result<i32> {
+    let mut log = Box::pin(client.log(id, true).await?);
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = log.next().await {
+        out.write_all(&chunk?)?;
+        out.flush()?;
+    }
+    drop(out);
+    let b = client.build(id).await?;
+    let state = b.detail.build.state;
+    eprintln!("kiln: build {id} {state}");
+    Ok(exit_code(state))
+}
+
+pub fn exit_code(state: BuildState) -> i32 {
+    if state == BuildState::Succeeded {
+        0
+    } else {
+        EXIT_BUILD_FAILED
+    }
+}
+
+fn fmt_ms(ms: Option<i64>) -> String {
+    ms.map(|m| {
+        time::OffsetDateTime::from_unix_timestamp(m / 1000)
+            .ok()
+            .and_then(|t| {
+                t.format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second]"
+                ))
+                .ok()
+            })
+            .unwrap_or_default()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+pub async fn list(client: &Client, limit: usize) -> anyhow::Result<()> {
+    let builds = client.list_builds(None, limit).await?;
+    println!("{:>6}  {:<10} {:<16} {:<20} created", "id", "state", "project", "package");
+    for b in builds {
+        println!(
+            "{:>6}  {:<10} {:<16} {:<20} {}",
+            b.id,
+            b.state.as_str(),
+            b.project,
+            b.package,
+            fmt_ms(Some(b.created))
+        );
+    }
+    Ok(())
+}
+
+pub async fn show(client: &Client, id: u64) -> anyhow::Result<()> {
+    let v = client.build(id).await?;
+    let b = &v.detail.build;
+    println!("build      {}", b.id);
+    println!("state      {}", b.state);
+    println!("project    {}", b.project);
+    println!("package    {} ({})", b.package, b.kind);
+    println!("source     {}", b.source);
+    println!("submitted  {} by {}", fmt_ms(Some(b.created)), b.submitted_by);
+    println!("started    {}", fmt_ms(b.started));
+    println!("finished   {}", fmt_ms(b.finished));
+    if let Some(w) = &v.waiting {
+        println!("waiting    {w}");
+    }
+    for t in &v.detail.task_list {
+        println!(
+            "task {:<5} {:<8} {:<10} attempt {} {} {}",
+            t.id,
+            t.target,
+            t.state.as_str(),
+            t.attempt,
+            t.worker.as_deref().unwrap_or("-"),
+            t.outcome.as_ref().map(|o| o.to_string()).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub async fn log(client: &Client, id: u64) -> anyhow::Result<()> {
+    let mut log = Box::pin(client.log(id, false).await?);
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = log.next().await {
+        out.write_all(&chunk?)?;
+    }
+    Ok(())
+}
+
+pub async fn artifact_list(client: &Client, id: u64) -> anyhow::Result<()> {
+    for a in client.artifacts(id).await? {
+        println!("{:<40} {:>10}  {:o}  {}", a.path, a.size, a.mode, a.digest);
+    }
+    Ok(())
+}
+
+/// `artifact get ID PATH [-o FILE]`: PATH as listed, or a file name that
+/// names exactly one artifact.
+pub async fn artifact_get(
+    client: &Client,
+    id: u64,
+    path: &str,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let arts = client.artifacts(id).await?;
+    let a = match arts.iter().find(|a| a.path == path) {
+        Some(a) => a.clone(),
+        None => {
+            let by_name: Vec<_> = arts
+                .iter()
+                .filter(|a| a.path.rsplit('/').next() == Some(path))
+                .collect();
+            match by_name.as_slice() {
+                [one] => (*one).clone(),
+                [] => bail!("build {id} has no artifact {path:?} (see `kiln artifact list {id}`)"),
+                _ => bail!("{path:?} names several artifacts of build {id}; give the full path"),
+            }
+        }
+    };
+    let dest = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(a.path.rsplit('/').next().unwrap_or(&a.path)));
+    let mut resp = client.artifact(id, &a.path).await?;
+    let tmp = dest.with_extension("kiln-partial");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    while let Some(chunk) = resp.chunk().await.context("downloading")? {
+        f.write_all(&chunk)?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(a.mode & 0o777))?;
+    }
+    std::fs::rename(&tmp, &dest)?;
+    eprintln!("kiln: wrote {} ({} bytes)", dest.display(), a.size);
+    Ok(())
+}
+
+pub async fn token_create(client: &Client, name: &str, admin: bool) -> anyhow::Result<()> {
+    let t = client.create_token(name, admin).await?;
+    println!("{}", t.token);
+    Ok(())
+}
+
+/// `kiln build DIR`: a one-shot local build with no server — the same
+/// ingest, sandbox and store, under `data` (default ~/.local/share/kiln).
+/// Outputs are written under `out`. Returns the exit code.
+pub async fn build_local(dir: &Path, out: &Path, data: Option<PathBuf>) -> anyhow::Result<i32> {
+    let mut config = Config::default();
+    config.server.data = data.unwrap_or_else(crate::worker::local_data_dir);
+    config.build.slots = 1;
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let cfg = config.clone();
+    let hub = tokio::task::spawn_blocking(move || Hub::open(cfg, exe)).await??;
+    let package = std::fs::canonicalize(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let (h, d) = (hub.clone(), dir.to_owned());
+    let build = tokio::task::spawn_blocking(move || -> anyhow::Result<Build> {
+        let (mut r, mut w) = std::io::pipe()?;
+        let writer = std::thread::spawn(move || crate::cas::tar_dir(&d, &mut w));
+        let pending = h.cas.ingest_tar(&mut r, u64::MAX);
+        drop(r);
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("tar thread panicked"))??;
+        let sub = crate::scheduler::Submission {
+            project: crate::model::DEFAULT_PROJECT.into(),
+            package,
+            submitted_by: "local".into(),
+        };
+        Ok(crate::scheduler::submit(&h, sub, pending?)?)
+    })
+    .await??;
+    eprintln!("kiln: local build {} in {}", build.id, hub.data_dir().display());
+    let slot = tokio::spawn(crate::worker::run_slot(hub.clone(), 0));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(crate::web::stream_build_log(hub.clone(), build.clone(), true, tx));
+    {
+        let mut stdout = std::io::stdout();
+        while let Some(chunk) = rx.recv().await {
+            stdout.write_all(&chunk?)?;
+            stdout.flush()?;
+        }
+    }
+    let done = wait_finished(&hub, build.id).await?;
+    hub.shutdown.cancel();
+    let _ = slot.await;
+    let arts = hub.db.artifacts(build.id)?;
+    let dest = out.to_path_buf();
+    let cas = hub.cas.clone();
+    let arts2 = arts.clone();
+    tokio::task::spawn_blocking(move || crate::worker::export_artifacts(&cas, &arts2, &dest))
+        .await??;
+    for a in &arts {
+        eprintln!("kiln: {}", out.join(&a.path).display());
+    }
+    eprintln!("kiln: build {} {}", done.id, done.state);
+    Ok(exit_code(done.state))
+}
+
+async fn wait_finished(hub: &Arc<Hub>, id: u64) -> anyhow::Result<Build> {
+    loop {
+        let mut changes = hub.changes.subscribe();
+        let b = hub.db.build(id)?;
+        if b.state.is_finished() {
+            return Ok(b);
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The one typed HTTP client of the hub's API, used by the CLI, (later) the
+//! remote worker, and the tests.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cas::Digest;
+use crate::model::{Artifact, Build};
+use crate::server::{BuildView, ErrorBody, Health, TokenCreated, TokenRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The hub answered with an error status.
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("cannot reach the hub at {url}: {source}")]
+    Transport { url: String, source: reqwest::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected answer from the hub: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .build()
+                .expect("reqwest client builds"),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or(text);
+        Err(ClientError::Api { status, message })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
+        let resp = self.send(rb).await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub async fn health(&self) -> Result<Health> {
+        self.json(self.req(reqwest::Method::GET, "/api/v1/health"))
+            .await
+    }
+
+    /// Submits a tar stream as a new build.
+    pub async fn submit_tar(
+        &self,
+        project: Option<&str>,
+        package: Option<&str>,
+        body: reqwest::Body,
+    ) -> Result<Build> {
+        let mut q = Vec::new();
+        if let Some(p) = project {
+            q.push(("project", p));
+        }
+        if let Some(p) = package {
+            q.push(("package", p));
+        }
+        let rb = self
+            .req(reqwest::Method::POST, "/api/v1/builds")
+            .query(&q)
+            .header("content-type", "application/x-tar")
+            .body(body);
+        self.json(rb).await
+    }
+
+    /// Tars `dir` (streamed, never whole in memory) and submits it. The
+    /// package name defaults to the directory's name.
+    pub async fn submit_dir(
+        &self,
+        dir: &Path,
+        project: Option<&str>,
+        package: Option<&str>,
+    ) -> Result<Build> {
+        let meta = std::fs::metadata(dir)?;
+        if !meta.is_dir() {
+            return Err(ClientError::Io(std::io::Error::other(format!(
+                "{} is not a directory",
+                dir.display()
+            ))));
+        }
+        let default_name = dir_name(dir);
+        let package = package.or(default_name.as_deref());
+        let body = reqwest::Body::wrap_stream(tar_stream(dir.to_owned()));
+        self.submit_tar(project, package, body).await
+    }
+
+    pub async fn list_builds(&self, before: Option<u64>, limit: usize) -> Result<Vec<Build>> {
+        let mut q = vec![("limit", limit.to_string())];
+        if let Some(b) = before {
+            q.push(("before", b.to_string()));
+        }
+        self.json(self.req(reqwest::Method::GET, "/api/v1/builds").query(&q))
+            .await
+    }
+
+    pub async fn build(&self, id: u64) -> Result<BuildView> {
+        self.json(self.req(reqwest::Method::GET, &format!("/api/v1/builds/{id}")))
+            .await
+    }
+
+    /// The build's log as a stream of chunks; with `follow`, the stream ends
+    /// when the build has ended.
+    pub async fn log(
+        &self,
+        id: u64,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let mut rb = self.req(reqwest::Method::GET, &format!("/api/v1/builds/{id}/log"));
+        if follow {
+            rb = rb.query(&[("follow", "1")]);
+        }
+        let resp = self.send(rb).await?;
+        let url = self.base.clone();
+        Ok(resp.bytes_stream().map(move |r| {
+            r.map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })
+        }))
+    }
+
+    pub async fn log_text(&self, id: u64) -> Result<String> {
+        let mut s = Box::pin(self.log(id, false).await?);
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    pub async fn artifacts(&self, id: u64) -> Result<Vec<Artifact>> {
+        self.json(self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/builds/{id}/artifacts"),
+        ))
+        .await
+    }
+
+    /// An artifact's content as a response to stream from.
+    pub async fn artifact(&self, id: u64, path: &str) -> Result<reqwest::Response> {
+        self.send(self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/builds/{id}/artifacts/{path}"),
+        ))
+        .await
+    }
+
+    /// A blob by digest; with `zstd`, asks for the stored compressed form.
+    pub async fn blob(&self, digest: &Digest, zstd: bool) -> Result<reqwest::Response> {
+        let mut rb = self.req(reqwest::Method::GET, &format!("/cas/sha256/{digest}"));
+        if zstd {
+            rb = rb.header("accept-encoding", "zstd");
+        }
+        self.send(rb).await
+    }
+
+    pub async fn create_token(&self, name: &str, admin: bool) -> Result<TokenCreated> {
+        let rb = self
+            .req(reqwest::Method::POST, "/api/v1/tokens")
+            .json(&TokenRequest {
+                name: name.to_string(),
+                admin,
+            });
+        self.json(rb).await
+    }
+
+    /// Waits until a build has ended and returns it.
+    pub async fn wait(&self, id: u64, timeout: std::time::Duration) -> Result<BuildView> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let b = self.build(id).await?;
+            if b.detail.build.state.is_finished() {
+                return Ok(b);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ClientError::Decode(format!(
+                    "build {id} still {} after {timeout:?}",
+                    b.detail.build.state
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn dir_name(dir: &Path) -> Option<String> {
+    std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// A writer that hands its bytes to an async stream in chunks.
+struct ChannelWriter {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 256 * 1024 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = Bytes::from(std::mem::take(&mut self.buf));
+            self.tx
+                .blocking_send(Ok(chunk))
+                .map_err(|_| std::io::Error::other("upload cancelled"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A tar of `dir` as a stream, made on a blocking thread.
+pub fn tar_stream(dir: PathBuf) -> impl Stream<Item = std::io::Result<Bytes>> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::new(),
+        };
+        let res = crate::cas::tar_dir(&dir, &mut w).and_then(|_| std::io::Write::flush(&mut w));
+        if let Err(e) = res {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    ReceiverStream::new(rx)
+}

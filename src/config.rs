@@ -1,0 +1,177 @@
+//! The one configuration struct: TOML file, then `KILN_*` environment
+//! variables, then command-line flags, each overriding the one before.
+//! Every field is documented here and in docs/config.md; `kiln check-config`
+//! prints the effective result.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub build: BuildConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the hub listens on (`KILN_LISTEN`, `--listen`). Port 0 picks a
+    /// free port; the bound address is printed at start.
+    pub listen: SocketAddr,
+    /// Data directory: `kiln.redb`, the blob store `cas/`, `admin.token`,
+    /// task work dirs (`KILN_DATA`, `--data`).
+    pub data: PathBuf,
+    /// Largest accepted source upload in bytes (larger → 413).
+    pub max_upload_bytes: u64,
+    /// Whether reads (lists, logs, artifacts, pages) need no token.
+    pub public_reads: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildConfig {
+    /// Local build slots (`KILN_SLOTS`, `--slots`); 0 means only remote
+    /// workers run tasks. Default: the number of cores.
+    pub slots: usize,
+    /// Log bytes kept per task; output past this is dropped (the build goes
+    /// on) and a marker line is appended.
+    pub log_limit_bytes: u64,
+    /// How long a lease lasts without a heartbeat, in seconds.
+    pub lease_secs: u64,
+    /// Runs of a task lost to infrastructure before it is failed.
+    pub max_attempts: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".parse().expect("valid literal"),
+            data: PathBuf::from("kiln-data"),
+            max_upload_bytes: 1 << 30,
+            public_reads: true,
+        }
+    }
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        BuildConfig {
+            slots: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            log_limit_bytes: 64 << 20,
+            lease_secs: 60,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            build: BuildConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Embedded defaults, then the file (if given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| crate::kinds::describe_toml_error(text, &e))
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn bad(name: &'static str, value: String, e: impl std::fmt::Display) -> ConfigError {
+            ConfigError::Env {
+                name,
+                value,
+                message: e.to_string(),
+            }
+        }
+        if let Some(v) = get("KILN_LISTEN") {
+            self.server.listen = v.parse().map_err(|e| bad("KILN_LISTEN", v.clone(), e))?;
+        }
+        if let Some(v) = get("KILN_DATA") {
+            self.server.data = PathBuf::from(v);
+        }
+        if let Some(v) = get("KILN_SLOTS") {
+            self.build.slots = v.parse().map_err(|e| bad("KILN_SLOTS", v.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env() {
+        let mut c = Config::parse("[server]\nlisten = \"127.0.0.1:9000\"\n[build]\nslots = 3\n").unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.build.slots, 3);
+        c.apply_env(|k| (k == "KILN_SLOTS").then(|| "0".to_string()))
+            .unwrap();
+        assert_eq!(c.build.slots, 0);
+        let err = c
+            .apply_env(|k| (k == "KILN_LISTEN").then(|| "nope".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("KILN_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nslotz = 2\n").unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("slotz"), "{err}");
+    }
+
+    #[test]
+    fn round_trips() {
+        let c = Config::default();
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    }
+}

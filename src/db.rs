@@ -1,0 +1,630 @@
+//! Metadata in one redb file: typed reads and writes of projects, packages,
+//! builds, tasks, the queue, artifacts and tokens.
+//!
+//! What must stay true:
+//! - every state change that belongs together (a build and its tasks and queue
+//!   entries; a task's end, its artifacts and its build's state) is one write
+//!   transaction, so a crash leaves either all of it or none;
+//! - a digest is written here only after its blob is durable in the store;
+//! - build and task ids and lease fences only grow (counters in `META`).
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::cas::Digest;
+use crate::model::{
+    Artifact, Build, BuildDetail, BuildId, BuildState, Lease, Outcome, Package, PackageKind,
+    Project, Task, TaskId, Token, now_ms,
+};
+
+/// Bumped whenever a stored type changes shape; `Db::open` refuses files from
+/// a newer kiln and upgrades older ones.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const PROJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("projects");
+const PACKAGES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("packages");
+const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
+const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
+/// Queued tasks in order: (sequence, task id). The sequence is the order of
+/// queueing; re-queued tasks go to the back.
+const QUEUE: TableDefinition<u64, u64> = TableDefinition::new("queue");
+const ARTIFACTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("artifacts");
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+
+const K_SCHEMA: &str = "schema_version";
+const K_NEXT_BUILD: &str = "next_build";
+const K_NEXT_TASK: &str = "next_task";
+const K_NEXT_FENCE: &str = "next_fence";
+const K_QUEUE_SEQ: &str = "queue_seq";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Redb(String),
+    #[error("database file has schema version {found}, this kiln understands up to {SCHEMA_VERSION}; upgrade kiln")]
+    TooNew { found: u64 },
+    #[error("stored record is unreadable: {0}")]
+    Decode(String),
+    #[error("build {0} not found")]
+    BuildNotFound(BuildId),
+    #[error("task {0} not found")]
+    TaskNotFound(TaskId),
+    #[error("task {task}: lease fence {given} is stale (current {current:?})")]
+    StaleLease {
+        task: TaskId,
+        given: u64,
+        current: Option<u64>,
+    },
+    #[error("project {0:?} not found")]
+    ProjectNotFound(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DbError {
+            fn from(e: $t) -> Self { DbError::Redb(e.to_string()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encoding of an in-memory value cannot fail")
+}
+
+fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(|e| DbError::Decode(e.to_string()))
+}
+
+/// Reads a counter, returns its value and stores value + 1.
+fn bump(meta: &mut redb::Table<&str, u64>, key: &str, first: u64) -> Result<u64> {
+    let v = meta.get(key)?.map(|g| g.value()).unwrap_or(first);
+    meta.insert(key, v + 1)?;
+    Ok(v)
+}
+
+fn get_rec<K, T>(table: &impl ReadableTable<K, &'static [u8]>, key: K::SelfType<'_>) -> Result<Option<T>>
+where
+    K: redb::Key + 'static,
+    T: DeserializeOwned,
+{
+    match table.get(key)? {
+        Some(g) => Ok(Some(dec(g.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// What a worker gets when it leases a task.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub task: Task,
+    pub build: Build,
+    pub fence: u64,
+}
+
+/// The end of a task as a worker reports it.
+#[derive(Debug, Clone)]
+pub struct TaskEnd {
+    pub outcome: Outcome,
+    pub log: Option<Digest>,
+    pub outputs: Option<Digest>,
+    pub artifacts: Vec<Artifact>,
+}
+
+pub struct Db {
+    db: Database,
+}
+
+impl Db {
+    /// Opens (or creates) the database file and checks its schema version.
+    pub fn open(path: &Path) -> Result<Db> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let found = meta.get(K_SCHEMA)?.map(|g| g.value());
+            match found {
+                None => {
+                    meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                }
+                Some(v) if v > SCHEMA_VERSION => return Err(DbError::TooNew { found: v }),
+                Some(_) => {} // older versions: upgrades go here
+            }
+            // Create every table so readers never meet a missing one.
+            tx.open_table(PROJECTS)?;
+            tx.open_table(PACKAGES)?;
+            tx.open_table(BUILDS)?;
+            tx.open_table(TASKS)?;
+            tx.open_table(QUEUE)?;
+            tx.open_table(ARTIFACTS)?;
+            tx.open_table(TOKENS)?;
+        }
+        tx.commit()?;
+        Ok(Db { db })
+    }
+
+    pub fn schema_version(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta.get(K_SCHEMA)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    // ---- tokens ----
+
+    pub fn token_count(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(TOKENS)?.len()?)
+    }
+
+    pub fn insert_token(&self, hash: &[u8; 32], token: &Token) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(TOKENS)?
+            .insert(hash.as_slice(), enc(token).as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn token(&self, hash: &[u8; 32]) -> Result<Option<Token>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(TOKENS)?, hash.as_slice())
+    }
+
+    // ---- projects and packages ----
+
+    pub fn project(&self, name: &str) -> Result<Option<Project>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(PROJECTS)?, name)
+    }
+
+    pub fn package(&self, project: &str, name: &str) -> Result<Option<Package>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(PACKAGES)?, (project, name))
+    }
+
+    // ---- builds ----
+
+    /// Records a new build with one queued task per target, creating its
+    /// project and package on first use. One transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_build(
+        &self,
+        project: &str,
+        package: &str,
+        kind: PackageKind,
+        source: Digest,
+        source_date_epoch: i64,
+        submitted_by: &str,
+        targets: &[&str],
+    ) -> Result<Build> {
+        let now = now_ms();
+        let tx = self.db.begin_write()?;
+        let build = {
+            let mut meta = tx.open_table(META)?;
+            let mut projects = tx.open_table(PROJECTS)?;
+            if projects.get(project)?.is_none() {
+                let p = Project {
+                    name: project.to_string(),
+                    created: now,
+                };
+                projects.insert(project, enc(&p).as_slice())?;
+            }
+            let mut packages = tx.open_table(PACKAGES)?;
+            if packages.get((project, package))?.is_none() {
+                let p = Package {
+                    project: project.to_string(),
+                    name: package.to_string(),
+                    kind,
+                    created: now,
+                };
+                packages.insert((project, package), enc(&p).as_slice())?;
+            }
+            let id = bump(&mut meta, K_NEXT_BUILD, 1)?;
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut queue = tx.open_table(QUEUE)?;
+            let mut task_ids = Vec::new();
+            for target in targets {
+                let tid = bump(&mut meta, K_NEXT_TASK, 1)?;
+                let task = Task {
+                    id: tid,
+                    build: id,
+                    target: target.to_string(),
+                    state: BuildState::Queued,
+                    attempt: 1,
+                    lease: None,
+                    worker: None,
+                    outcome: None,
+                    log: None,
+                    outputs: None,
+                    created: now,
+                    started: None,
+                    finished: None,
+                };
+                tasks.insert(tid, enc(&task).as_slice())?;
+                let seq = bump(&mut meta, K_QUEUE_SEQ, 0)?;
+                queue.insert(seq, tid)?;
+                task_ids.push(tid);
+            }
+            let build = Build {
+                id,
+                project: project.to_string(),
+                package: package.to_string(),
+                kind,
+                source,
+                source_date_epoch,
+                submitted_by: submitted_by.to_string(),
+                state: BuildState::Queued,
+                created: now,
+                started: None,
+                finished: None,
+                tasks: task_ids,
+            };
+            tx.open_table(BUILDS)?.insert(id, enc(&build).as_slice())?;
+            build
+        };
+        tx.commit()?;
+        Ok(build)
+    }
+
+    pub fn build(&self, id: BuildId) -> Result<Build> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(BUILDS)?, id)?.ok_or(DbError::BuildNotFound(id))
+    }
+
+    pub fn build_detail(&self, id: BuildId) -> Result<BuildDetail> {
+        let tx = self.db.begin_read()?;
+        let build: Build = get_rec(&tx.open_table(BUILDS)?, id)?.ok_or(DbError::BuildNotFound(id))?;
+        let tasks = tx.open_table(TASKS)?;
+        let mut task_list = Vec::with_capacity(build.tasks.len());
+        for t in &build.tasks {
+            task_list.push(get_rec(&tasks, *t)?.ok_or(DbError::TaskNotFound(*t))?);
+        }
+        Ok(BuildDetail { build, task_list })
+    }
+
+    /// Builds newest first, starting below `before` (exclusive), at most
+    /// `limit`. Walks the id index backwards: no full scan.
+    pub fn list_builds(&self, before: Option<BuildId>, limit: usize) -> Result<Vec<Build>> {
+        let tx = self.db.begin_read()?;
+        let builds = tx.open_table(BUILDS)?;
+        let upper = before.unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        for row in builds.range(..upper)?.rev().take(limit) {
+            let (_, v) = row?;
+            out.push(dec(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn task(&self, id: TaskId) -> Result<Task> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(TASKS)?, id)?.ok_or(DbError::TaskNotFound(id))
+    }
+
+    pub fn artifacts(&self, build: BuildId) -> Result<Vec<Artifact>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(ARTIFACTS)?;
+        let mut out = Vec::new();
+        for row in t.range((build, "")..(build + 1, ""))? {
+            let (_, v) = row?;
+            out.push(dec(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn artifact(&self, build: BuildId, path: &str) -> Result<Option<Artifact>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(ARTIFACTS)?, (build, path))
+    }
+
+    pub fn queue_len(&self) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(QUEUE)?.len()?)
+    }
+
+    /// Position (1-based) of a queued task in the queue and the queue's length.
+    pub fn queue_position(&self, task: TaskId) -> Result<Option<(u64, u64)>> {
+        let tx = self.db.begin_read()?;
+        let q = tx.open_table(QUEUE)?;
+        let len = q.len()?;
+        for (i, row) in q.iter()?.enumerate() {
+            let (_, v) = row?;
+            if v.value() == task {
+                return Ok(Some((i as u64 + 1, len)));
+            }
+        }
+        Ok(None)
+    }
+
+    // ---- leases ----
+
+    /// Hands the first queued task to `worker` under a fresh lease. One
+    /// transaction: the queue entry, the task and its build change together.
+    pub fn lease_next(&self, worker: &str, lease_ms: i64) -> Result<Option<Leased>> {
+        let now = now_ms();
+        let tx = self.db.begin_write()?;
+        let leased = {
+            let mut queue = tx.open_table(QUEUE)?;
+            let Some((_, tid)) = queue.pop_first()?.map(|(k, v)| (k.value(), v.value())) else {
+                return Ok(None);
+            };
+            let mut meta = tx.open_table(META)?;
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut builds = tx.open_table(BUILDS)?;
+            let mut task: Task = get_rec(&tasks, tid)?.ok_or(DbError::TaskNotFound(tid))?;
+            let fence = bump(&mut meta, K_NEXT_FENCE, 1)?;
+            task.state = BuildState::Running;
+            task.lease = Some(Lease {
+                worker: worker.to_string(),
+                fence,
+                expires: now + lease_ms,
+            });
+            task.worker = Some(worker.to_string());
+            task.started = Some(now);
+            tasks.insert(tid, enc(&task).as_slice())?;
+            let mut build: Build =
+                get_rec(&builds, task.build)?.ok_or(DbError::BuildNotFound(task.build))?;
+            if build.state == BuildState::Queued {
+                build.state = BuildState::Running;
+                build.started.get_or_insert(now);
+                builds.insert(build.id, enc(&build).as_slice())?;
+            }
+            Leased { task, build, fence }
+        };
+        tx.commit()?;
+        Ok(Some(leased))
+    }
+
+    /// Extends a lease. Fails with `StaleLease` when the task was given to
+    /// someone else (or ended) meanwhile: the worker must stop.
+    pub fn heartbeat(&self, task: TaskId, fence: u64, lease_ms: i64) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
+            check_fence(&t, fence)?;
+            if let Some(l) = t.lease.as_mut() {
+                l.expires = now_ms() + lease_ms;
+            }
+            tasks.insert(task, enc(&t).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a task's end, its artifacts and its build's new state in one
+    /// transaction; refuses a stale fence. An infrastructure outcome re-queues
+    /// the task while attempts remain.
+    pub fn finish_task(
+        &self,
+        task: TaskId,
+        fence: u64,
+        end: TaskEnd,
+        max_attempts: u32,
+    ) -> Result<Build> {
+        let now = now_ms();
+        let tx = self.db.begin_write()?;
+        let build = {
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
+            check_fence(&t, fence)?;
+            t.lease = None;
+            if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
+                t.attempt += 1;
+                t.state = BuildState::Queued;
+                t.outcome = Some(end.outcome);
+                t.log = end.log;
+                let mut meta = tx.open_table(META)?;
+                let seq = bump(&mut meta, K_QUEUE_SEQ, 0)?;
+                tx.open_table(QUEUE)?.insert(seq, task)?;
+                tasks.insert(task, enc(&t).as_slice())?;
+                let builds = tx.open_table(BUILDS)?;
+                get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?
+            } else {
+                t.state = match end.outcome {
+                    Outcome::Succeeded => BuildState::Succeeded,
+                    Outcome::Cancelled => BuildState::Cancelled,
+                    _ => BuildState::Failed,
+                };
+                t.outcome = Some(end.outcome);
+                t.log = end.log;
+                t.outputs = end.outputs;
+                t.finished = Some(now);
+                tasks.insert(task, enc(&t).as_slice())?;
+                let mut arts = tx.open_table(ARTIFACTS)?;
+                for a in &end.artifacts {
+                    arts.insert((a.build, a.path.as_str()), enc(a).as_slice())?;
+                }
+                let mut builds = tx.open_table(BUILDS)?;
+                let mut b: Build =
+                    get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
+                let mut states = Vec::new();
+                for id in &b.tasks {
+                    let s: Task = get_rec(&tasks, *id)?.ok_or(DbError::TaskNotFound(*id))?;
+                    states.push(s.state);
+                }
+                if states.iter().all(|s| s.is_finished()) {
+                    b.state = if states.iter().all(|s| *s == BuildState::Succeeded) {
+                        BuildState::Succeeded
+                    } else if states.contains(&BuildState::Cancelled) {
+                        BuildState::Cancelled
+                    } else {
+                        BuildState::Failed
+                    };
+                    b.finished = Some(now);
+                }
+                builds.insert(b.id, enc(&b).as_slice())?;
+                b
+            }
+        };
+        tx.commit()?;
+        Ok(build)
+    }
+
+    /// After a restart: every task still marked running was interrupted (its
+    /// worker is gone with the old process); put it back in the queue. Returns
+    /// the re-queued task ids.
+    pub fn requeue_interrupted(&self) -> Result<Vec<TaskId>> {
+        let tx = self.db.begin_write()?;
+        let mut requeued = Vec::new();
+        {
+            let mut tasks = tx.open_table(TASKS)?;
+            let mut running = Vec::new();
+            for row in tasks.iter()? {
+                let (_, v) = row?;
+                let t: Task = dec(v.value())?;
+                if t.state == BuildState::Running {
+                    running.push(t);
+                }
+            }
+            let mut meta = tx.open_table(META)?;
+            let mut queue = tx.open_table(QUEUE)?;
+            for mut t in running {
+                t.state = BuildState::Queued;
+                t.lease = None;
+                t.attempt += 1;
+                let seq = bump(&mut meta, K_QUEUE_SEQ, 0)?;
+                queue.insert(seq, t.id)?;
+                tasks.insert(t.id, enc(&t).as_slice())?;
+                requeued.push(t.id);
+            }
+        }
+        tx.commit()?;
+        Ok(requeued)
+    }
+}
+
+fn check_fence(t: &Task, fence: u64) -> Result<()> {
+    let current = t.lease.as_ref().map(|l| l.fence);
+    if current != Some(fence) {
+        return Err(DbError::StaleLease {
+            task: t.id,
+            given: fence,
+            current,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("kiln.redb")).unwrap();
+        (dir, db)
+    }
+
+    fn submit(db: &Db) -> Build {
+        db.create_build(
+            "p",
+            "hello",
+            PackageKind::Script,
+            Digest::of(b"tree"),
+            0,
+            "admin",
+            &["host"],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn ids_grow_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.redb");
+        {
+            let db = Db::open(&path).unwrap();
+            assert_eq!(submit(&db).id, 1);
+            assert_eq!(submit(&db).id, 2);
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(submit(&db).id, 3);
+        let list = db.list_builds(None, 10).unwrap();
+        assert_eq!(list.iter().map(|b| b.id).collect::<Vec<_>>(), [3, 2, 1]);
+        let page = db.list_builds(Some(3), 1).unwrap();
+        assert_eq!(page[0].id, 2);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.redb");
+        {
+            let raw = Database::create(&path).unwrap();
+            let tx = raw.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert(K_SCHEMA, SCHEMA_VERSION + 1)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Db::open(&path).err().expect("must refuse");
+        assert!(matches!(err, DbError::TooNew { .. }), "{err}");
+    }
+
+    #[test]
+    fn lease_finish_and_stale_fence() {
+        let (_d, db) = db();
+        let b = submit(&db);
+        let l = db.lease_next("w1", 60_000).unwrap().unwrap();
+        assert_eq!(l.task.build, b.id);
+        assert!(db.lease_next("w2", 60_000).unwrap().is_none());
+        assert_eq!(db.build(b.id).unwrap().state, BuildState::Running);
+        // crash → requeue → a new lease with a larger fence
+        assert_eq!(db.requeue_interrupted().unwrap(), vec![l.task.id]);
+        let l2 = db.lease_next("w2", 60_000).unwrap().unwrap();
+        assert!(l2.fence > l.fence);
+        assert_eq!(l2.task.attempt, 2);
+        let end = |o| TaskEnd {
+            outcome: o,
+            log: None,
+            outputs: None,
+            artifacts: vec![],
+        };
+        let stale = db.finish_task(l.task.id, l.fence, end(Outcome::Succeeded), 3);
+        assert!(matches!(stale, Err(DbError::StaleLease { .. })));
+        let b2 = db
+            .finish_task(l2.task.id, l2.fence, end(Outcome::ExitCode(2)), 3)
+            .unwrap();
+        assert_eq!(b2.state, BuildState::Failed);
+        assert!(b2.finished.is_some());
+    }
+
+    #[test]
+    fn infrastructure_failures_retry_then_fail() {
+        let (_d, db) = db();
+        let b = submit(&db);
+        for attempt in 1..=2 {
+            let l = db.lease_next("w", 1000).unwrap().unwrap();
+            assert_eq!(l.task.attempt, attempt);
+            let end = TaskEnd {
+                outcome: Outcome::Infrastructure("disk gone".into()),
+                log: None,
+                outputs: None,
+                artifacts: vec![],
+            };
+            let after = db.finish_task(l.task.id, l.fence, end, 2).unwrap();
+            let expect = if attempt < 2 {
+                BuildState::Running
+            } else {
+                BuildState::Failed
+            };
+            assert_eq!(after.state, expect);
+        }
+        assert_eq!(db.queue_len().unwrap(), 0);
+        assert_eq!(db.build(b.id).unwrap().state, BuildState::Failed);
+    }
+}

@@ -1,0 +1,177 @@
+//! The hub's shared state and its data directory: the database, the store,
+//! live logs, the admin token, and the signals slots and followers wait on.
+//!
+//! Data directory layout (must stay stable across versions):
+//! - `kiln.redb`      metadata (db)
+//! - `cas/`           blobs by sha256 (cas)
+//! - `admin.token`    the first admin token, mode 0600, for the CLI on this machine
+//! - `logs/`          live logs of running tasks
+//! - `work/`          per-task scratch (source checkout, outputs); emptied at start
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::cas::{Cas, CasError};
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::logs::LiveLogs;
+use crate::model::{Token, now_ms};
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Hub {
+    pub config: Config,
+    pub db: Db,
+    pub cas: Cas,
+    pub logs: Arc<LiveLogs>,
+    /// The kiln binary, re-executed as the sandbox's init.
+    pub kiln_exe: PathBuf,
+    /// Woken when a task is queued.
+    pub queued: Notify,
+    /// Bumped on every task state change; followers wait on it.
+    pub changes: watch::Sender<u64>,
+    /// Cancelled when the hub shuts down: slots stop, sandboxes are killed
+    /// and their tasks stay `running`, to be re-queued at the next start.
+    pub shutdown: CancellationToken,
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
+    move |source| HubError::DataDir {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// sha256 of a token's secret: what the database stores.
+pub fn token_hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A new random token secret.
+pub fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("kiln_{}", hex::encode(bytes))
+}
+
+impl Hub {
+    /// Opens the data directory, creating it on first use; re-queues tasks
+    /// interrupted by a previous crash; creates the admin token on first start.
+    pub fn open(config: Config, kiln_exe: PathBuf) -> Result<Arc<Hub>, HubError> {
+        let data = config.server.data.clone();
+        std::fs::create_dir_all(&data).map_err(io_at(&data))?;
+        let db = Db::open(&data.join("kiln.redb"))?;
+        let cas = Cas::open(&data.join("cas"))?;
+        let logs = Arc::new(LiveLogs::open(data.join("logs")).map_err(io_at(&data))?);
+        let work = data.join("work");
+        if work.exists() {
+            crate::worker::remove_tree(&work).map_err(io_at(&work))?;
+        }
+        std::fs::create_dir_all(&work).map_err(io_at(&work))?;
+        let requeued = db.requeue_interrupted()?;
+        if !requeued.is_empty() {
+            tracing::info!(tasks = ?requeued, "re-queued tasks interrupted by the last shutdown");
+        }
+        let hub = Arc::new(Hub {
+            config,
+            db,
+            cas,
+            logs,
+            kiln_exe,
+            queued: Notify::new(),
+            changes: watch::channel(0).0,
+            shutdown: CancellationToken::new(),
+        });
+        hub.ensure_admin_token()?;
+        Ok(hub)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.server.data
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.data_dir().join("work")
+    }
+
+    /// On first start, make an admin token and leave it, mode 0600, in the
+    /// data dir for the CLI on this machine.
+    fn ensure_admin_token(&self) -> Result<(), HubError> {
+        if self.db.token_count()? > 0 {
+            return Ok(());
+        }
+        let secret = new_secret();
+        let path = self.data_dir().join(ADMIN_TOKEN_FILE);
+        let tmp = self.data_dir().join(".admin.token.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_at(&tmp))?;
+            writeln!(f, "{secret}").map_err(io_at(&tmp))?;
+            f.sync_all().map_err(io_at(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        // The token is written before the db knows it: a crash between leaves
+        // a file with a token the db lacks, and the next start makes a new one.
+        self.db.insert_token(
+            &token_hash(&secret),
+            &Token {
+                name: "admin".into(),
+                admin: true,
+                created: now_ms(),
+            },
+        )?;
+        tracing::info!(path = %path.display(), "created the admin token");
+        Ok(())
+    }
+
+    /// Makes a new token and returns its secret (shown once).
+    pub fn create_token(&self, name: &str, admin: bool) -> Result<String, HubError> {
+        let secret = new_secret();
+        self.db.insert_token(
+            &token_hash(&secret),
+            &Token {
+                name: name.to_string(),
+                admin,
+                created: now_ms(),
+            },
+        )?;
+        Ok(secret)
+    }
+
+    pub fn check_token(&self, secret: &str) -> Result<Option<Token>, HubError> {
+        Ok(self.db.token(&token_hash(secret))?)
+    }
+
+    /// Tells slots and followers that something changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+}

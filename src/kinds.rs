@@ -1,0 +1,194 @@
+//! Package kinds: what a source tree declares in `kiln.toml` and how a task
+//! of that kind is run. Only `script` exists so far (docs/kiln-toml.md).
+
+use globset::{GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+use crate::model::PackageKind;
+
+/// The recipe file at the top of every source tree.
+pub const RECIPE_FILE: &str = "kiln.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("kiln.toml not found at the top of the source tree")]
+    Missing,
+    #[error("kiln.toml is not UTF-8")]
+    NotUtf8,
+    #[error("kiln.toml {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    #[serde(default)]
+    pub package: PackageSection,
+    pub build: BuildSection,
+    #[serde(default)]
+    pub outputs: OutputsSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PackageSection {
+    /// Package name; defaults to the name the submitter gives (the CLI uses
+    /// the directory's name).
+    pub name: Option<String>,
+    /// `script` (default).
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSection {
+    /// Run as `/bin/sh -e -c SCRIPT` in /build.
+    pub script: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsSection {
+    /// Globs relative to $KILN_OUT naming the files kept as artifacts.
+    /// `*` stays within one directory, `**` crosses directories.
+    pub files: Vec<String>,
+}
+
+impl Default for OutputsSection {
+    fn default() -> Self {
+        OutputsSection {
+            files: vec!["**".to_string()],
+        }
+    }
+}
+
+/// Turns a toml error into "line N: message" naming the field, from the
+/// span toml reports.
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+impl Recipe {
+    pub fn parse(bytes: &[u8]) -> Result<Recipe, RecipeError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| RecipeError::NotUtf8)?;
+        let r: Recipe = toml::from_str(text)
+            .map_err(|e| RecipeError::Invalid(describe_toml_error(text, &e)))?;
+        // "line N: " of the key `key`, for errors toml itself cannot see.
+        let at = |key: &str| {
+            text.lines()
+                .position(|l| {
+                    l.trim_start()
+                        .strip_prefix(key)
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
+                })
+                .map(|i| format!("line {}: ", i + 1))
+                .unwrap_or_default()
+        };
+        if r.build.script.trim().is_empty() {
+            return Err(RecipeError::Invalid(format!(
+                "{}build.script is empty",
+                at("script")
+            )));
+        }
+        if let Some(k) = &r.package.kind
+            && k != "script"
+        {
+            return Err(RecipeError::Invalid(format!(
+                "{}package.kind {k:?} is not supported (supported: \"script\")",
+                at("kind")
+            )));
+        }
+        if let Some(n) = &r.package.name {
+            validate_name(n).map_err(|m| {
+                RecipeError::Invalid(format!("{}package.name {m}", at("name")))
+            })?;
+        }
+        r.output_globs()?;
+        Ok(r)
+    }
+
+    pub fn kind(&self) -> PackageKind {
+        PackageKind::Script
+    }
+
+    pub fn output_globs(&self) -> Result<GlobSet, RecipeError> {
+        let mut b = GlobSetBuilder::new();
+        for g in &self.outputs.files {
+            let glob = globset::GlobBuilder::new(g)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| RecipeError::Invalid(format!("outputs.files: bad glob {g:?}: {e}")))?;
+            b.add(glob);
+        }
+        b.build()
+            .map_err(|e| RecipeError::Invalid(format!("outputs.files: {e}")))
+    }
+
+    /// The command line of the build process.
+    pub fn argv(&self) -> Vec<String> {
+        vec![
+            "/bin/sh".into(),
+            "-e".into(),
+            "-c".into(),
+            self.build.script.clone(),
+        ]
+    }
+}
+
+/// Project and package names: 1–64 of `[A-Za-z0-9._+-]`, not starting with
+/// `.` or `-` (they appear in URLs and paths).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (1-64 of A-Z a-z 0-9 . _ + -, not starting with . or -)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let r = Recipe::parse(
+            b"[build]\nscript = \"make && make install DESTDIR=$KILN_OUT\"\n[outputs]\nfiles = [\"usr/bin/*\"]\n",
+        )
+        .unwrap();
+        let g = r.output_globs().unwrap();
+        assert!(g.is_match("usr/bin/hello"));
+        assert!(!g.is_match("usr/bin/sub/hello"));
+        assert!(!g.is_match("usr/lib/x"));
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = Recipe::parse(b"[build]\nscrpt = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("scrpt"), "{e}");
+        let e = Recipe::parse(b"[outputs]\nfiles = [\"a\"]\n").unwrap_err().to_string();
+        assert!(e.contains("build"), "{e}");
+        let e = Recipe::parse(b"[build]\nscript = 5\n").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let e = Recipe::parse(b"[build]\nscript = \"  \"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("build.script"), "{e}");
+        let e = Recipe::parse(b"[package]\nname = \"../x\"\n[build]\nscript = \"true\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("package.name"), "{e}");
+    }
+}

@@ -1,0 +1,205 @@
+//! The domain types kiln stores and serves: projects, packages, builds,
+//! tasks, leases and artifacts.
+//!
+//! Values are postcard-encoded in redb and JSON on the API, so every type here
+//! derives serde. postcard is not self-describing: changing a stored type means
+//! bumping `db::SCHEMA_VERSION` and writing an upgrade. Times are Unix
+//! milliseconds (UTC).
+
+use serde::{Deserialize, Serialize};
+
+use crate::cas::Digest;
+
+pub type BuildId = u64;
+pub type TaskId = u64;
+
+/// The default project builds land in when the submitter names none.
+pub const DEFAULT_PROJECT: &str = "default";
+/// The target every `script` build runs on until buildroots exist: the host's
+/// system directories, read-only.
+pub const HOST_TARGET: &str = "host";
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageKind {
+    Script,
+}
+
+impl std::fmt::Display for PackageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PackageKind::Script => "script",
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Project {
+    pub name: String,
+    pub created: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Package {
+    pub project: String,
+    pub name: String,
+    pub kind: PackageKind,
+    pub created: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl BuildState {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            BuildState::Succeeded | BuildState::Failed | BuildState::Cancelled
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Queued => "queued",
+            BuildState::Running => "running",
+            BuildState::Succeeded => "succeeded",
+            BuildState::Failed => "failed",
+            BuildState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for BuildState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A task shares the build's states; a build's state is derived from its tasks.
+pub type TaskState = BuildState;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Build {
+    pub id: BuildId,
+    pub project: String,
+    pub package: String,
+    pub kind: PackageKind,
+    /// Manifest digest of the source tree as submitted.
+    pub source: Digest,
+    /// SOURCE_DATE_EPOCH handed to the build (seconds): the newest mtime in
+    /// the submitted tree.
+    pub source_date_epoch: i64,
+    /// Name of the token that submitted the build.
+    pub submitted_by: String,
+    pub state: BuildState,
+    pub created: i64,
+    pub started: Option<i64>,
+    pub finished: Option<i64>,
+    pub tasks: Vec<TaskId>,
+}
+
+/// Why a task ended. `Succeeded` only for exit code 0.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "reason", content = "detail")]
+pub enum Outcome {
+    Succeeded,
+    ExitCode(i32),
+    Signal(i32),
+    Cancelled,
+    /// The build succeeded but its outputs could not be kept (e.g. a fifo
+    /// matched an output glob).
+    Outputs(String),
+    /// Something outside the build went wrong (sandbox set-up, the store, a
+    /// lost worker). Such tasks are retried up to `build.max_attempts`.
+    Infrastructure(String),
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Outcome::Succeeded)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Succeeded => f.write_str("succeeded"),
+            Outcome::ExitCode(c) => write!(f, "exit code {c}"),
+            Outcome::Signal(s) => write!(f, "killed by signal {s}"),
+            Outcome::Cancelled => f.write_str("cancelled"),
+            Outcome::Outputs(m) => write!(f, "outputs rejected: {m}"),
+            Outcome::Infrastructure(m) => write!(f, "infrastructure error: {m}"),
+        }
+    }
+}
+
+/// The right to run a task, held by one worker until `expires`. `fence`
+/// grows with every lease ever handed out: a result carrying an older fence
+/// than the task's current lease is refused.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub worker: String,
+    pub fence: u64,
+    pub expires: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub id: TaskId,
+    pub build: BuildId,
+    pub target: String,
+    pub state: TaskState,
+    /// 1 for the first run; grows each time the task is re-queued.
+    pub attempt: u32,
+    pub lease: Option<Lease>,
+    pub worker: Option<String>,
+    pub outcome: Option<Outcome>,
+    /// The complete log, in the store, once the task has ended.
+    pub log: Option<Digest>,
+    /// Manifest of the outputs, once the task has ended.
+    pub outputs: Option<Digest>,
+    pub created: i64,
+    pub started: Option<i64>,
+    pub finished: Option<i64>,
+}
+
+/// A file a task produced, named by its path relative to `$KILN_OUT`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Artifact {
+    pub build: BuildId,
+    pub task: TaskId,
+    pub path: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub mode: u32,
+}
+
+/// An API credential. Only the sha256 of the secret is stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    pub name: String,
+    pub admin: bool,
+    pub created: i64,
+}
+
+/// A build with its tasks, as the API returns it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BuildDetail {
+    #[serde(flatten)]
+    pub build: Build,
+    pub task_list: Vec<Task>,
+}

@@ -1,0 +1,93 @@
+//! Turning submissions into queued work, and handing queued tasks to
+//! workers under leases. Local slots and (later) remote workers take tasks
+//! through the same `lease` call.
+
+use std::sync::Arc;
+
+use crate::cas::{CasError, PendingTree};
+use crate::db::{DbError, Leased};
+use crate::hub::Hub;
+use crate::kinds::{RECIPE_FILE, Recipe, RecipeError, validate_name};
+use crate::model::{Build, HOST_TARGET};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Recipe(#[from] RecipeError),
+    #[error("{0}")]
+    BadName(String),
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What a submitter names; the recipe may name the package itself.
+pub struct Submission {
+    pub project: String,
+    /// Used when kiln.toml has no `[package] name`.
+    pub package: Option<String>,
+    pub submitted_by: String,
+}
+
+/// Validates the recipe of an ingested (not yet committed) tree, commits its
+/// blobs, and records the build with its queued task in one transaction.
+/// Blobs are durable before the database refers to them; a rejected
+/// submission commits nothing.
+pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build, SubmitError> {
+    validate_name(&sub.project).map_err(|m| SubmitError::BadName(format!("project {m}")))?;
+    let recipe_bytes = pending.read_file(RECIPE_FILE)?.ok_or(RecipeError::Missing)?;
+    let recipe = Recipe::parse(&recipe_bytes)?;
+    let package = match (&recipe.package.name, &sub.package) {
+        (Some(n), _) => n.clone(),
+        (None, Some(n)) => {
+            validate_name(n).map_err(|m| SubmitError::BadName(format!("package {m}")))?;
+            n.clone()
+        }
+        (None, None) => {
+            return Err(SubmitError::BadName(
+                "package name missing: give one, or set [package] name in kiln.toml".into(),
+            ));
+        }
+    };
+    let sde = pending.max_mtime.max(0);
+    let source = pending.commit()?;
+    let build = hub.db.create_build(
+        &sub.project,
+        &package,
+        recipe.kind(),
+        source,
+        sde,
+        &sub.submitted_by,
+        &[HOST_TARGET],
+    )?;
+    hub.queued.notify_waiters();
+    hub.changed();
+    Ok(build)
+}
+
+/// Leases the next queued task to `worker`, if any.
+pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, DbError> {
+    let lease_ms = hub.config.build.lease_secs as i64 * 1000;
+    let leased = hub.db.lease_next(worker, lease_ms)?;
+    if leased.is_some() {
+        hub.changed();
+    }
+    Ok(leased)
+}
+
+/// Why a queued task is not running yet, in words.
+pub fn why_waiting(hub: &Hub, task: crate::model::TaskId) -> Result<Option<String>, DbError> {
+    let Some((pos, len)) = hub.db.queue_position(task)? else {
+        return Ok(None);
+    };
+    if hub.config.build.slots == 0 {
+        return Ok(Some(format!(
+            "position {pos} of {len} in the queue; this hub has no local build slots (slots = 0) and no remote workers yet"
+        )));
+    }
+    Ok(Some(format!(
+        "position {pos} of {len} in the queue; all {} local slots are busy",
+        hub.config.build.slots
+    )))
+}

@@ -1,0 +1,470 @@
+//! The HTTP face of the hub: the JSON API under `/api/v1`, blobs at
+//! `/cas/sha256/<hex>`, the web pages, and the one place errors become HTTP
+//! responses (`ApiError`).
+//!
+//! Every mutating route takes a `Caller` (a valid bearer token) — a route
+//! without one is a bug. Reads take a `Reader`, which needs a token only when
+//! `server.public_reads` is off.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cas::{CasError, Digest};
+use crate::db::DbError;
+use crate::hub::{Hub, HubError};
+use crate::model::{Artifact, Build, BuildDetail, BuildId, BuildState, DEFAULT_PROJECT, Token};
+use crate::scheduler::{SubmitError, Submission};
+
+/// The one mapping from errors to HTTP responses: `{"error": "..."}` with a
+/// status that says whose fault it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid token: send `Authorization: Bearer <token>`")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(m) = &self {
+            tracing::error!(error = %m, "internal error");
+        }
+        let mut resp = (
+            self.status(),
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::BuildNotFound(_) | DbError::TaskNotFound(_) | DbError::ProjectNotFound(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            DbError::StaleLease { .. } => ApiError::Forbidden(e.to_string()),
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<CasError> for ApiError {
+    fn from(e: CasError) -> Self {
+        match e {
+            CasError::UnsafePath { .. } | CasError::BadArchive(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            CasError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            CasError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        match e {
+            HubError::Db(d) => d.into(),
+            HubError::Cas(c) => c.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Recipe(r) => ApiError::BadRequest(r.to_string()),
+            SubmitError::BadName(m) => ApiError::BadRequest(m),
+            SubmitError::Cas(c) => c.into(),
+            SubmitError::Db(d) => d.into(),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::Internal(format!("worker thread: {e}"))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// A request carrying a valid token: required by every mutating route.
+pub struct Caller(pub Token);
+
+impl FromRequestParts<Arc<Hub>> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> ApiResult<Self> {
+        let secret = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        hub.check_token(secret)?
+            .map(Caller)
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// A request allowed to read: anyone when reads are public, else a token.
+pub struct Reader;
+
+impl FromRequestParts<Arc<Hub>> for Reader {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> ApiResult<Self> {
+        if hub.config.server.public_reads {
+            return Ok(Reader);
+        }
+        Caller::from_request_parts(parts, hub).await.map(|_| Reader)
+    }
+}
+
+pub fn router(hub: Arc<Hub>) -> axum::Router {
+    axum::Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/builds", get(list_builds).post(submit_build))
+        .route("/api/v1/builds/{id}", get(get_build))
+        .route("/api/v1/builds/{id}/log", get(build_log))
+        .route("/api/v1/builds/{id}/artifacts", get(list_artifacts))
+        .route("/api/v1/builds/{id}/artifacts/{*path}", get(get_artifact))
+        .route("/api/v1/tokens", post(create_token))
+        .route("/cas/sha256/{hex}", get(get_blob))
+        .merge(crate::web::routes())
+        .with_state(hub)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Health {
+    pub version: String,
+    pub schema_version: u64,
+}
+
+async fn health(State(hub): State<Arc<Hub>>) -> ApiResult<Json<Health>> {
+    Ok(Json(Health {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        schema_version: hub.db.schema_version()?,
+    }))
+}
+
+fn parse_id(s: &str) -> ApiResult<BuildId> {
+    s.parse()
+        .map_err(|_| ApiError::BadRequest(format!("build id {s:?} is not a number")))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    pub before: Option<BuildId>,
+    pub limit: Option<usize>,
+}
+
+async fn list_builds(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Build>>> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    Ok(Json(hub.db.list_builds(q.before, limit)?))
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct BuildView {
+    #[serde(flatten)]
+    pub detail: BuildDetail,
+    /// For a queued build: why it is not running yet.
+    pub waiting: Option<String>,
+}
+
+async fn get_build(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BuildView>> {
+    let detail = hub.db.build_detail(parse_id(&id)?)?;
+    let mut waiting = None;
+    for t in &detail.task_list {
+        if t.state == BuildState::Queued {
+            waiting = crate::scheduler::why_waiting(&hub, t.id)?;
+            break;
+        }
+    }
+    Ok(Json(BuildView { detail, waiting }))
+}
+
+#[derive(Deserialize)]
+pub struct SubmitQuery {
+    pub project: Option<String>,
+    pub package: Option<String>,
+}
+
+/// `POST /api/v1/builds?project=P&package=N` with a tar stream of the source
+/// tree as the body.
+async fn submit_build(
+    Caller(token): Caller,
+    State(hub): State<Arc<Hub>>,
+    Query(q): Query<SubmitQuery>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Build>)> {
+    use futures_util::TryStreamExt;
+    let max = hub.config.server.max_upload_bytes;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let mut reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let sub = Submission {
+        project: q.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string()),
+        package: q.package,
+        submitted_by: token.name,
+    };
+    let h = hub.clone();
+    let build = tokio::task::spawn_blocking(move || {
+        let res = h.cas.ingest_tar(&mut reader, max);
+        // Read what the client still sends (bounded) so it sees our answer
+        // rather than a reset connection.
+        let _ = std::io::copy(&mut (&mut reader).take(64 << 20), &mut std::io::sink());
+        crate::scheduler::submit(&h, sub, res?)
+    })
+    .await??;
+    Ok((StatusCode::CREATED, Json(build)))
+}
+
+#[derive(Deserialize)]
+pub struct LogQuery {
+    pub follow: Option<String>,
+}
+
+async fn build_log(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let build = hub.db.build(id)?;
+    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes"));
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(crate::web::stream_build_log(hub, build, follow, tx));
+    let mut resp = Body::from_stream(ReceiverStream::new(rx)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    Ok(resp)
+}
+
+async fn list_artifacts(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<Artifact>>> {
+    let id = parse_id(&id)?;
+    hub.db.build(id)?;
+    Ok(Json(hub.db.artifacts(id)?))
+}
+
+async fn get_artifact(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path((id, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    hub.db.build(id)?;
+    let a = hub.db.artifact(id, &path)?.ok_or_else(|| {
+        ApiError::NotFound(format!("build {id} has no artifact {path:?}"))
+    })?;
+    let mut resp = blob_response(&hub, a.digest, false).await?;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(a.size));
+    Ok(resp)
+}
+
+async fn get_blob(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(hex): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let digest: Digest = hex
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{hex:?} is not a sha256 digest (64 lowercase hex)")))?;
+    let accepts_zstd = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.split(';').next().map(str::trim) == Some("zstd"));
+    let mut resp = blob_response(&hub, digest, accepts_zstd).await?;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if accepts_zstd {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+    }
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    Ok(resp)
+}
+
+/// Streams a blob, verified while read. An error before the first chunk (a
+/// missing or small corrupt blob) becomes an error response; a later one
+/// aborts the body, so a client never receives a complete corrupt blob.
+pub async fn blob_response(hub: &Arc<Hub>, digest: Digest, raw: bool) -> ApiResult<Response> {
+    let mut rx = blob_chunks(hub, digest, raw)?;
+    let first = rx.recv().await;
+    let head = match first {
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            return Err(ApiError::Internal(format!("blob {digest}: {e}")));
+        }
+        None => None,
+    };
+    let stream = futures_util::stream::iter(head.map(Ok)).chain(ReceiverStream::new(rx));
+    let mut resp = Body::from_stream(stream).into_response();
+    resp.headers_mut().insert(
+        "x-kiln-digest",
+        HeaderValue::from_str(&digest.to_string()).expect("hex is a valid header"),
+    );
+    Ok(resp)
+}
+
+use futures_util::StreamExt as _;
+
+/// Reads a blob on a blocking thread into a channel of chunks.
+pub fn blob_chunks(
+    hub: &Arc<Hub>,
+    digest: Digest,
+    raw: bool,
+) -> ApiResult<mpsc::Receiver<std::io::Result<Bytes>>> {
+    let mut reader: Box<dyn Read + Send> = if raw {
+        Box::new(hub.cas.open_raw(&digest)?)
+    } else {
+        Box::new(hub.cas.open_blob(&digest)?)
+    };
+    let (tx, rx) = mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        loop {
+            let mut buf = vec![0u8; 256 * 1024];
+            match reader.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub name: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub token: String,
+}
+
+async fn create_token(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
+    if !caller.admin {
+        return Err(ApiError::Forbidden(
+            "only an admin token can create tokens".into(),
+        ));
+    }
+    let req: TokenRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("token request: {e}")))?;
+    crate::kinds::validate_name(&req.name)
+        .map_err(|m| ApiError::BadRequest(format!("name {m}")))?;
+    let token = hub.create_token(&req.name, req.admin)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            name: req.name,
+            token,
+        }),
+    ))
+}
+
+/// Serves `router` on an already-bound listener until the hub shuts down.
+pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) -> std::io::Result<()> {
+    let shutdown = hub.shutdown.clone();
+    axum::serve(listener, router(hub))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

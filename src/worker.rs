@@ -1,0 +1,361 @@
+//! The agent loop that runs leased tasks: check out the source, run the
+//! recipe in the sandbox, stream the log, collect outputs, report the end.
+//! The hub's local slots run it in-process; remote workers will run the same
+//! loop over HTTP.
+//!
+//! What must stay true: a task's end is reported once, with the fence of its
+//! lease; when the hub shuts down mid-task nothing is reported (the task is
+//! re-queued at the next start); every blob is in the store before the end
+//! that names it is recorded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::cas::Cas;
+use crate::db::{DbError, Leased, TaskEnd};
+use crate::hub::Hub;
+use crate::kinds::{RECIPE_FILE, Recipe};
+use crate::logs::LogWriter;
+use crate::model::{Artifact, Build, Outcome};
+use crate::sandbox::{self, IdMap, RootSpec, Spec};
+
+/// PATH inside the sandbox.
+pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where the source is inside the sandbox, and the build's working directory.
+pub const BUILD_DIR: &str = "/build";
+/// `$KILN_OUT` inside the sandbox.
+pub const OUT_DIR: &str = "/out";
+
+/// The complete environment of a build; nothing else is inherited.
+pub fn build_env(build: &Build) -> Vec<(String, String)> {
+    [
+        ("PATH", SANDBOX_PATH.to_string()),
+        ("HOME", "/tmp".to_string()),
+        ("TZ", "UTC".to_string()),
+        ("LANG", "C.UTF-8".to_string()),
+        ("SOURCE_DATE_EPOCH", build.source_date_epoch.to_string()),
+        ("KILN_OUT", OUT_DIR.to_string()),
+        ("KILN_BUILD_ID", build.id.to_string()),
+        ("KILN_PACKAGE", build.package.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Removes a directory tree a build wrote, even where the build left
+/// directories without write or search permission.
+pub fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(path);
+            std::fs::remove_dir_all(path)
+        }
+    }
+}
+
+fn make_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.is_dir() {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+        if let Ok(rd) = std::fs::read_dir(path) {
+            for e in rd.flatten() {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+/// Runs local slot `slot` until the hub shuts down.
+pub async fn run_slot(hub: Arc<Hub>, slot: u32) {
+    let name = format!("local-{slot}");
+    loop {
+        let notified = hub.queued.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if hub.shutdown.is_cancelled() {
+            return;
+        }
+        let h = hub.clone();
+        let n = name.clone();
+        let leased = tokio::task::spawn_blocking(move || crate::scheduler::lease(&h, &n))
+            .await
+            .expect("lease task panicked");
+        match leased {
+            Ok(Some(leased)) => run_leased(&hub, slot, &name, leased).await,
+            Ok(None) => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = hub.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(slot = %name, error = %e, "cannot lease a task");
+                tokio::select! {
+                    _ = hub.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs one leased task to its end and records it.
+pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased) {
+    let task_id = leased.task.id;
+    let fence = leased.fence;
+    let cancel = hub.shutdown.child_token();
+    let heartbeat = spawn_heartbeat(hub.clone(), task_id, fence, cancel.clone());
+    let result = execute(hub, slot, worker, &leased, cancel.clone()).await;
+    heartbeat.abort();
+    if hub.shutdown.is_cancelled() {
+        // Leave the task running in the database: the next start re-queues it.
+        return;
+    }
+    let (end, log) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(task = task_id, error = %e, "task failed outside the build");
+            let end = TaskEnd {
+                outcome: Outcome::Infrastructure(e.to_string()),
+                log: None,
+                outputs: None,
+                artifacts: vec![],
+            };
+            (end, None)
+        }
+    };
+    let h = hub.clone();
+    let max = hub.config.build.max_attempts;
+    let outcome = end.outcome.clone();
+    let res =
+        tokio::task::spawn_blocking(move || h.db.finish_task(task_id, fence, end, max)).await;
+    match res {
+        Ok(Ok(build)) => {
+            tracing::info!(task = task_id, build = build.id, %outcome, state = %build.state, "task ended")
+        }
+        Ok(Err(DbError::StaleLease { .. })) => {
+            tracing::warn!(task = task_id, "lease lost before the end was recorded; result dropped")
+        }
+        Ok(Err(e)) => tracing::error!(task = task_id, error = %e, "cannot record task end"),
+        Err(e) => tracing::error!(task = task_id, error = %e, "recording task end panicked"),
+    }
+    if let Some(log) = log {
+        log.close();
+    }
+    hub.queued.notify_waiters();
+    hub.changed();
+}
+
+fn spawn_heartbeat(
+    hub: Arc<Hub>,
+    task: u64,
+    fence: u64,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let lease_ms = hub.config.build.lease_secs as i64 * 1000;
+    let every = Duration::from_millis((lease_ms / 3).max(100) as u64);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let h = hub.clone();
+            let r = tokio::task::spawn_blocking(move || h.db.heartbeat(task, fence, lease_ms)).await;
+            if let Ok(Err(DbError::StaleLease { .. })) = r {
+                tracing::warn!(task, "lease lost; stopping the task");
+                cancel.cancel();
+                return;
+            }
+        }
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("preparing the task: {0}")]
+    Prepare(String),
+    #[error("store: {0}")]
+    Cas(#[from] crate::cas::CasError),
+    #[error("log: {0}")]
+    Log(#[from] std::io::Error),
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] sandbox::SandboxError),
+}
+
+fn prep<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ExecError + '_ {
+    move |e| ExecError::Prepare(format!("{what}: {e}"))
+}
+
+/// Everything between lease and end. Returns the end to record and the live
+/// log (closed by the caller once the end is committed).
+async fn execute(
+    hub: &Arc<Hub>,
+    slot: u32,
+    worker: &str,
+    leased: &Leased,
+    cancel: CancellationToken,
+) -> Result<(TaskEnd, Option<LogWriter>), ExecError> {
+    let task = &leased.task;
+    let build = &leased.build;
+    let work = hub.work_dir().join(format!("task-{}-{}", task.id, leased.fence));
+    let build_dir = work.join("build");
+    let out_dir = work.join("out");
+    let mut log = hub
+        .logs
+        .create(task.id, hub.config.build.log_limit_bytes)?;
+    log.note(&format!(
+        "build {} ({}/{}), task {} attempt {} on {worker}",
+        build.id, build.project, build.package, task.id, task.attempt
+    ))?;
+
+    // Check out the source tree.
+    let cas = hub.cas.clone();
+    let source = build.source;
+    let sde = build.source_date_epoch;
+    let (bd, od) = (build_dir.clone(), out_dir.clone());
+    let recipe = tokio::task::spawn_blocking(move || -> Result<Recipe, ExecError> {
+        std::fs::create_dir_all(&od).map_err(prep("creating the output dir"))?;
+        let tree = cas.get_tree(&source)?;
+        cas.checkout(&tree, &bd, Some(sde))?;
+        let bytes = std::fs::read(bd.join(RECIPE_FILE)).map_err(prep("reading kiln.toml"))?;
+        Recipe::parse(&bytes).map_err(prep("kiln.toml"))
+    })
+    .await
+    .map_err(prep("checkout"))??;
+
+    let spec = Spec {
+        root: RootSpec::Host,
+        build_dir: build_dir.clone(),
+        out_dir: out_dir.clone(),
+        argv: recipe.argv(),
+        env: build_env(build),
+        cwd: BUILD_DIR.to_string(),
+        hostname: "kiln".to_string(),
+        ids: IdMap::for_slot(slot),
+    };
+
+    // One pipe carries stdout and stderr interleaved.
+    let (rx, tx) = nix::unistd::pipe().map_err(prep("pipe"))?;
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(rx).map_err(prep("pipe"))?;
+    let pump = tokio::spawn(pump_log(reader, log));
+    let ran = sandbox::run(&hub.kiln_exe, &spec, &work, tx, cancel).await;
+    let mut log = pump.await.map_err(prep("log pump"))??;
+    let outcome = match ran {
+        Ok(o) => map_outcome(o),
+        Err(e) => Outcome::Infrastructure(e.to_string()),
+    };
+
+    // Collect outputs of a successful build.
+    let mut end = TaskEnd {
+        outcome,
+        log: None,
+        outputs: None,
+        artifacts: vec![],
+    };
+    if end.outcome.succeeded() {
+        let cas = hub.cas.clone();
+        let globs = recipe.output_globs().map_err(prep("outputs"))?;
+        let od = out_dir.clone();
+        let collected = tokio::task::spawn_blocking(move || {
+            let tree = cas.ingest_dir(&od, |p| globs.is_match(p))?;
+            let digest = cas.put_tree(&tree)?;
+            Ok::<_, crate::cas::CasError>((tree, digest))
+        })
+        .await
+        .map_err(prep("collecting outputs"))?;
+        match collected {
+            Ok((tree, digest)) => {
+                end.outputs = Some(digest);
+                for e in &tree.entries {
+                    if let crate::cas::EntryKind::File { digest, size } = &e.kind {
+                        end.artifacts.push(Artifact {
+                            build: build.id,
+                            task: task.id,
+                            path: e.path.clone(),
+                            digest: *digest,
+                            size: *size,
+                            mode: e.mode,
+                        });
+                    }
+                }
+                log.note(&format!("kept {} output file(s)", end.artifacts.len()))?;
+            }
+            Err(e) => {
+                log.note(&format!("collecting outputs failed: {e}"))?;
+                end.outcome = Outcome::Outputs(e.to_string());
+            }
+        }
+    }
+    log.note(&format!("task ended: {}", end.outcome))?;
+    let cas = hub.cas.clone();
+    let (log, digest) = tokio::task::spawn_blocking(move || {
+        let d = log.store(&cas);
+        (log, d)
+    })
+    .await
+    .map_err(prep("storing the log"))?;
+    end.log = Some(digest?);
+    let w = work.clone();
+    let _ = tokio::task::spawn_blocking(move || remove_tree(&w)).await;
+    Ok((end, Some(log)))
+}
+
+async fn pump_log(
+    mut reader: tokio::net::unix::pipe::Receiver,
+    mut log: LogWriter,
+) -> Result<LogWriter, ExecError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(log);
+        }
+        log.write(&buf[..n])?;
+    }
+}
+
+fn map_outcome(o: sandbox::Outcome) -> Outcome {
+    match o {
+        sandbox::Outcome::Exited(0) => Outcome::Succeeded,
+        sandbox::Outcome::Exited(c) => Outcome::ExitCode(c),
+        sandbox::Outcome::Signaled(s) => Outcome::Signal(s),
+        sandbox::Outcome::Cancelled => Outcome::Cancelled,
+        sandbox::Outcome::Infra(m) => Outcome::Infrastructure(m),
+    }
+}
+
+/// Where `kiln build DIR` keeps its store when no hub runs.
+pub fn local_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("kiln");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
+    home.join(".local/share/kiln")
+}
+
+/// Writes a build's artifacts into `dest` (relative paths kept).
+pub fn export_artifacts(cas: &Cas, artifacts: &[Artifact], dest: &Path) -> Result<(), ExecError> {
+    use std::os::unix::fs::PermissionsExt;
+    for a in artifacts {
+        let path = dest.join(&a.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut reader = cas.open_blob(&a.digest)?;
+        let tmp = path.with_extension("kiln-partial");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::copy(&mut reader, &mut f)?;
+        f.set_permissions(std::fs::Permissions::from_mode(a.mode & 0o777))?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(())
+}

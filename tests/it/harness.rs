@@ -1,0 +1,137 @@
+//! Test harness: start a real hub on port 0 with a temp data dir, make
+//! source trees and tar streams, count blobs in the store.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln::client::Client;
+use kiln::config::Config;
+
+pub struct TestHub {
+    pub running: Option<kiln::Running>,
+    pub dir: tempfile::TempDir,
+    pub client: Client,
+    pub anon: Client,
+    pub token: String,
+}
+
+impl TestHub {
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn url(&self) -> String {
+        self.running.as_ref().expect("running").url()
+    }
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+pub fn config(data: &Path, slots: usize) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.data = data.to_owned();
+    c.build.slots = slots;
+    c
+}
+
+pub async fn hub_with(slots: usize, tweak: impl FnOnce(&mut Config)) -> TestHub {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("data"), slots);
+    tweak(&mut c);
+    let running = kiln::start(c, crate::kiln_exe()).await.expect("hub starts");
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let client = Client::new(&running.url(), Some(token.clone()));
+    let anon = Client::new(&running.url(), None);
+    TestHub {
+        running: Some(running),
+        dir,
+        client,
+        anon,
+        token,
+    }
+}
+
+pub async fn hub(slots: usize) -> TestHub {
+    hub_with(slots, |_| {}).await
+}
+
+/// Writes files (path, content, mode) under `dir`.
+pub fn write_tree(dir: &Path, files: &[(&str, &str, u32)]) {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, content, mode) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
+}
+
+/// A source tree with a kiln.toml running `script` and keeping `outputs`.
+pub fn script_tree(name: &str, script: &str, outputs: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let outs: Vec<String> = outputs.iter().map(|o| format!("{o:?}")).collect();
+    let toml = format!(
+        "[package]\nname = {name:?}\n\n[build]\nscript = '''\n{script}\n'''\n\n[outputs]\nfiles = [{}]\n",
+        outs.join(", ")
+    );
+    write_tree(dir.path(), &[("kiln.toml", &toml, 0o644)]);
+    dir
+}
+
+/// A tar stream of `files`, with raw header names so tests can make
+/// hostile archives.
+pub fn raw_tar(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        {
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_700_000_000);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        out.extend(std::iter::repeat_n(0u8, pad));
+    }
+    out.extend(std::iter::repeat_n(0u8, 1024));
+    out
+}
+
+/// Number of blobs in a data dir's store.
+pub fn blob_count(data: &Path) -> usize {
+    fn walk(p: &Path) -> usize {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| {
+                if e.file_type().unwrap().is_dir() {
+                    walk(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+    walk(&data.join("cas/sha256"))
+}
+
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn examples_hello() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/hello")
+}

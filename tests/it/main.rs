@@ -1,0 +1,14 @@
+//! kiln's integration tests: one binary, a small harness, real parts (the
+//! real hub on a loopback port, real redb files, real sandboxes).
+
+mod harness;
+mod hub;
+mod restart;
+mod sandbox;
+
+use std::path::PathBuf;
+
+/// The kiln binary built for this test run; re-executed as the sandbox init.
+pub fn kiln_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
