@@ -25,7 +25,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -82,15 +82,6 @@ impl Default for BuildConfig {
             log_limit_bytes: 64 << 20,
             lease_secs: 60,
             max_attempts: 3,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            build: BuildConfig::default(),
         }
     }
 }

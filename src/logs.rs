@@ -39,6 +39,8 @@ impl LiveLog {
 pub struct LiveLogs {
     dir: PathBuf,
     map: Mutex<HashMap<TaskId, Arc<LiveLog>>>,
+    /// Makes each attempt's file name unique.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl LiveLogs {
@@ -52,6 +54,7 @@ impl LiveLogs {
         Ok(LiveLogs {
             dir,
             map: Mutex::new(HashMap::new()),
+            seq: Default::default(),
         })
     }
 
@@ -61,7 +64,8 @@ impl LiveLogs {
 
     /// Starts a fresh log for a task's attempt.
     pub fn create(self: &Arc<Self>, task: TaskId, limit: u64) -> std::io::Result<LogWriter> {
-        let path = self.dir.join(format!("{task}.log"));
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("{task}-{n}.log"));
         let file = File::create(&path)?;
         let (tx, _) = watch::channel(Progress {
             len: 0,
@@ -144,8 +148,19 @@ impl LogWriter {
     /// Marks the log finished (after its digest is committed) and forgets
     /// the live file. Followers still reading hold it open.
     pub fn close(self) {
+        drop(self);
+    }
+}
+
+impl Drop for LogWriter {
+    /// However the task ended, followers are told the log is done.
+    fn drop(&mut self) {
         self.publish(true);
-        self.logs.map.lock().expect("log map lock").remove(&self.task);
+        let mut map = self.logs.map.lock().expect("log map lock");
+        if map.get(&self.task).is_some_and(|l| Arc::ptr_eq(l, &self.live)) {
+            map.remove(&self.task);
+        }
+        drop(map);
         let _ = std::fs::remove_file(&self.live.path);
     }
 }

@@ -212,7 +212,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         async move { c.submit_tar(None, Some("bad"), tar.into()).await.map(|_| ()) }
     };
     let expect = |r: Result<(), kiln::client::ClientError>, status: u16, needles: &[&str]| {
-        let e = r.err().expect("must be refused");
+        let e = r.expect_err("must be refused");
         assert_eq!(e.status(), Some(status), "{e}");
         for n in needles {
             assert!(e.to_string().contains(n), "{e} lacks {n:?}");
