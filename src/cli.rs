@@ -104,7 +104,10 @@ fn fmt_ms(ms: Option<i64>) -> String {
 
 pub async fn list(client: &Client, limit: usize) -> anyhow::Result<()> {
     let builds = client.list_builds(None, limit).await?;
-    println!("{:>6}  {:<10} {:<16} {:<20} created", "id", "state", "project", "package");
+    println!(
+        "{:>6}  {:<10} {:<16} {:<20} created",
+        "id", "state", "project", "package"
+    );
     for b in builds {
         println!(
             "{:>6}  {:<10} {:<16} {:<20} {}",
@@ -126,7 +129,11 @@ pub async fn show(client: &Client, id: u64) -> anyhow::Result<()> {
     println!("project    {}", b.project);
     println!("package    {} ({})", b.package, b.kind);
     println!("source     {}", b.source);
-    println!("submitted  {} by {}", fmt_ms(Some(b.created)), b.submitted_by);
+    println!(
+        "submitted  {} by {}",
+        fmt_ms(Some(b.created)),
+        b.submitted_by
+    );
     println!("started    {}", fmt_ms(b.started));
     println!("finished   {}", fmt_ms(b.finished));
     if let Some(w) = &v.waiting {
@@ -140,7 +147,10 @@ pub async fn show(client: &Client, id: u64) -> anyhow::Result<()> {
             t.state.as_str(),
             t.attempt,
             t.worker.as_deref().unwrap_or("-"),
-            t.outcome.as_ref().map(|o| o.to_string()).unwrap_or_default()
+            t.outcome
+                .as_ref()
+                .map(|o| o.to_string())
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -190,7 +200,8 @@ pub async fn artifact_get(
         .unwrap_or_else(|| PathBuf::from(a.path.rsplit('/').next().unwrap_or(&a.path)));
     let mut resp = client.artifact(id, &a.path).await?;
     let tmp = dest.with_extension("kiln-partial");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     while let Some(chunk) = resp.chunk().await.context("downloading")? {
         f.write_all(&chunk)?;
     }
@@ -240,10 +251,19 @@ pub async fn build_local(dir: &Path, out: &Path, data: Option<PathBuf>) -> anyho
         Ok(crate::scheduler::submit(&h, sub, pending?)?)
     })
     .await??;
-    eprintln!("kiln: local build {} in {}", build.id, hub.data_dir().display());
+    eprintln!(
+        "kiln: local build {} in {}",
+        build.id,
+        hub.data_dir().display()
+    );
     let slot = tokio::spawn(crate::worker::run_slot(hub.clone(), 0));
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(crate::web::stream_build_log(hub.clone(), build.clone(), true, tx));
+    tokio::spawn(crate::web::stream_build_log(
+        hub.clone(),
+        build.clone(),
+        true,
+        tx,
+    ));
     {
         let mut stdout = std::io::stdout();
         while let Some(chunk) = rx.recv().await {

@@ -89,10 +89,13 @@ impl Client {
 
     async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
         let resp = self.send(rb).await?;
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
@@ -131,7 +134,12 @@ impl Client {
         project: Option<&str>,
         package: Option<&str>,
     ) -> Result<Build> {
-        let meta = std::fs::metadata(dir)?;
+        let meta = std::fs::metadata(dir).map_err(|e| {
+            ClientError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", dir.display()),
+            ))
+        })?;
         if !meta.is_dir() {
             return Err(ClientError::Io(std::io::Error::other(format!(
                 "{} is not a directory",

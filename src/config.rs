@@ -141,7 +141,8 @@ mod tests {
 
     #[test]
     fn file_then_env() {
-        let mut c = Config::parse("[server]\nlisten = \"127.0.0.1:9000\"\n[build]\nslots = 3\n").unwrap();
+        let mut c =
+            Config::parse("[server]\nlisten = \"127.0.0.1:9000\"\n[build]\nslots = 3\n").unwrap();
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.build.slots, 3);
         c.apply_env(|k| (k == "KILN_SLOTS").then(|| "0".to_string()))

@@ -44,7 +44,9 @@ const K_QUEUE_SEQ: &str = "queue_seq";
 pub enum DbError {
     #[error("database: {0}")]
     Redb(String),
-    #[error("database file has schema version {found}, this kiln understands up to {SCHEMA_VERSION}; upgrade kiln")]
+    #[error(
+        "database file has schema version {found}, this kiln understands up to {SCHEMA_VERSION}; upgrade kiln"
+    )]
     TooNew { found: u64 },
     #[error("stored record is unreadable: {0}")]
     Decode(String),
@@ -95,7 +97,10 @@ fn bump(meta: &mut redb::Table<&str, u64>, key: &str, first: u64) -> Result<u64>
     Ok(v)
 }
 
-fn get_rec<K, T>(table: &impl ReadableTable<K, &'static [u8]>, key: K::SelfType<'_>) -> Result<Option<T>>
+fn get_rec<K, T>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    key: K::SelfType<'_>,
+) -> Result<Option<T>>
 where
     K: redb::Key + 'static,
     T: DeserializeOwned,
@@ -284,7 +289,8 @@ impl Db {
 
     pub fn build_detail(&self, id: BuildId) -> Result<BuildDetail> {
         let tx = self.db.begin_read()?;
-        let build: Build = get_rec(&tx.open_table(BUILDS)?, id)?.ok_or(DbError::BuildNotFound(id))?;
+        let build: Build =
+            get_rec(&tx.open_table(BUILDS)?, id)?.ok_or(DbError::BuildNotFound(id))?;
         let tasks = tx.open_table(TASKS)?;
         let mut task_list = Vec::with_capacity(build.tasks.len());
         for t in &build.tasks {

@@ -66,12 +66,29 @@ impl Default for OutputsSection {
 /// span toml reports.
 pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message().trim().to_string();
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {msg}")
-        }
-        None => msg,
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    // Name the field: the key on that line, qualified by its table header.
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| {
+            let l = l.trim();
+            (l.starts_with('[') && l.ends_with(']')).then(|| l.trim_matches(['[', ']']).trim())
+        })
+        .last();
+    match (table, key) {
+        (Some(t), Some(k)) => format!("line {line_no}: {t}.{k}: {msg}"),
+        (None, Some(k)) => format!("line {line_no}: {k}: {msg}"),
+        _ => format!("line {line_no}: {msg}"),
     }
 }
 
@@ -106,9 +123,8 @@ impl Recipe {
             )));
         }
         if let Some(n) = &r.package.name {
-            validate_name(n).map_err(|m| {
-                RecipeError::Invalid(format!("{}package.name {m}", at("name")))
-            })?;
+            validate_name(n)
+                .map_err(|m| RecipeError::Invalid(format!("{}package.name {m}", at("name"))))?;
         }
         r.output_globs()?;
         Ok(r)
@@ -178,13 +194,21 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_field() {
-        let e = Recipe::parse(b"[build]\nscrpt = \"x\"\n").unwrap_err().to_string();
+        let e = Recipe::parse(b"[build]\nscrpt = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("scrpt"), "{e}");
-        let e = Recipe::parse(b"[outputs]\nfiles = [\"a\"]\n").unwrap_err().to_string();
+        let e = Recipe::parse(b"[outputs]\nfiles = [\"a\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("build"), "{e}");
-        let e = Recipe::parse(b"[build]\nscript = 5\n").unwrap_err().to_string();
+        let e = Recipe::parse(b"[build]\nscript = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2"), "{e}");
-        let e = Recipe::parse(b"[build]\nscript = \"  \"\n").unwrap_err().to_string();
+        let e = Recipe::parse(b"[build]\nscript = \"  \"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("build.script"), "{e}");
         let e = Recipe::parse(b"[package]\nname = \"../x\"\n[build]\nscript = \"true\"\n")
             .unwrap_err()

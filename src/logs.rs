@@ -157,7 +157,10 @@ impl Drop for LogWriter {
     fn drop(&mut self) {
         self.publish(true);
         let mut map = self.logs.map.lock().expect("log map lock");
-        if map.get(&self.task).is_some_and(|l| Arc::ptr_eq(l, &self.live)) {
+        if map
+            .get(&self.task)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.live))
+        {
             map.remove(&self.task);
         }
         drop(map);

@@ -8,10 +8,19 @@ use kiln::client::Client;
 use kiln::config::Config;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A package build service in one binary")]
+#[command(
+    name = "kiln",
+    version,
+    about = "A package build service in one binary"
+)]
 struct Cli {
     /// The hub's URL.
-    #[arg(long, global = true, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     hub: String,
     /// API token (default: the admin token in the data dir).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
@@ -99,7 +108,9 @@ enum BuildCmd {
 
 #[derive(Subcommand)]
 enum ArtifactCmd {
-    List { id: u64 },
+    List {
+        id: u64,
+    },
     /// Download an artifact by its listed path (or its file name if unique).
     Get {
         id: u64,
@@ -171,7 +182,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::SandboxInit { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Build(b) => match (&b.cmd, &b.dir) {
             (None, Some(dir)) => return kiln::cli::build_local(dir, &b.out, b.data.clone()).await,
-            (None, None) => anyhow::bail!("give a directory to build, or a subcommand (see kiln build --help)"),
+            (None, None) => {
+                anyhow::bail!("give a directory to build, or a subcommand (see kiln build --help)")
+            }
             (Some(cmd), _) => match cmd {
                 BuildCmd::Submit {
                     dir,
@@ -180,7 +193,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     watch,
                 } => {
                     let c = client();
-                    let b = kiln::cli::submit(&c, dir, project.as_deref(), package.as_deref()).await?;
+                    let b =
+                        kiln::cli::submit(&c, dir, project.as_deref(), package.as_deref()).await?;
                     println!("{}", b.id);
                     if *watch {
                         return kiln::cli::watch(&c, b.id).await;

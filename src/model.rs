@@ -114,7 +114,7 @@ pub struct Build {
 
 /// Why a task ended. `Succeeded` only for exit code 0.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", tag = "reason", content = "detail")]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Succeeded,
     ExitCode(i32),

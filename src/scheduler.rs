@@ -36,7 +36,9 @@ pub struct Submission {
 /// submission commits nothing.
 pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build, SubmitError> {
     validate_name(&sub.project).map_err(|m| SubmitError::BadName(format!("project {m}")))?;
-    let recipe_bytes = pending.read_file(RECIPE_FILE)?.ok_or(RecipeError::Missing)?;
+    let recipe_bytes = pending
+        .read_file(RECIPE_FILE)?
+        .ok_or(RecipeError::Missing)?;
     let recipe = Recipe::parse(&recipe_bytes)?;
     let package = match (&recipe.package.name, &sub.package) {
         (Some(n), _) => n.clone(),

@@ -23,7 +23,7 @@ use crate::cas::{CasError, Digest};
 use crate::db::DbError;
 use crate::hub::{Hub, HubError};
 use crate::model::{Artifact, Build, BuildDetail, BuildId, BuildState, DEFAULT_PROJECT, Token};
-use crate::scheduler::{SubmitError, Submission};
+use crate::scheduler::{Submission, SubmitError};
 
 /// The one mapping from errors to HTTP responses: `{"error": "..."}` with a
 /// status that says whose fault it was.
@@ -300,7 +300,10 @@ async fn build_log(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     Ok(resp)
 }
 
@@ -321,9 +324,10 @@ async fn get_artifact(
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     hub.db.build(id)?;
-    let a = hub.db.artifact(id, &path)?.ok_or_else(|| {
-        ApiError::NotFound(format!("build {id} has no artifact {path:?}"))
-    })?;
+    let a = hub
+        .db
+        .artifact(id, &path)?
+        .ok_or_else(|| ApiError::NotFound(format!("build {id} has no artifact {path:?}")))?;
     let mut resp = blob_response(&hub, a.digest, false).await?;
     let h = resp.headers_mut();
     h.insert(
@@ -340,9 +344,9 @@ async fn get_blob(
     Path(hex): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let digest: Digest = hex
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("{hex:?} is not a sha256 digest (64 lowercase hex)")))?;
+    let digest: Digest = hex.parse().map_err(|_| {
+        ApiError::BadRequest(format!("{hex:?} is not a sha256 digest (64 lowercase hex)"))
+    })?;
     let accepts_zstd = headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()

@@ -53,7 +53,10 @@ fn fmt_time(ms: i64) -> String {
 fn fmt_duration(start: Option<i64>, end: Option<i64>) -> String {
     match (start, end) {
         (Some(s), Some(e)) => format!("{:.1} s", (e - s) as f64 / 1000.0),
-        (Some(s), None) => format!("{:.0} s so far", (crate::model::now_ms() - s) as f64 / 1000.0),
+        (Some(s), None) => format!(
+            "{:.0} s so far",
+            (crate::model::now_ms() - s) as f64 / 1000.0
+        ),
         _ => String::new(),
     }
 }
@@ -131,8 +134,7 @@ async fn build_page(
     }
     let h = hub.clone();
     let tasks = detail.task_list.clone();
-    let (log, truncated) =
-        tokio::task::spawn_blocking(move || page_log(&h, &tasks)).await?;
+    let (log, truncated) = tokio::task::spawn_blocking(move || page_log(&h, &tasks)).await?;
     Ok(page(
         &format!("build {}", b.id),
         !b.state.is_finished(),

@@ -138,14 +138,16 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     let h = hub.clone();
     let max = hub.config.build.max_attempts;
     let outcome = end.outcome.clone();
-    let res =
-        tokio::task::spawn_blocking(move || h.db.finish_task(task_id, fence, end, max)).await;
+    let res = tokio::task::spawn_blocking(move || h.db.finish_task(task_id, fence, end, max)).await;
     match res {
         Ok(Ok(build)) => {
             tracing::info!(task = task_id, build = build.id, %outcome, state = %build.state, "task ended")
         }
         Ok(Err(DbError::StaleLease { .. })) => {
-            tracing::warn!(task = task_id, "lease lost before the end was recorded; result dropped")
+            tracing::warn!(
+                task = task_id,
+                "lease lost before the end was recorded; result dropped"
+            )
         }
         Ok(Err(e)) => tracing::error!(task = task_id, error = %e, "cannot record task end"),
         Err(e) => tracing::error!(task = task_id, error = %e, "recording task end panicked"),
@@ -169,7 +171,8 @@ fn spawn_heartbeat(
         loop {
             tokio::time::sleep(every).await;
             let h = hub.clone();
-            let r = tokio::task::spawn_blocking(move || h.db.heartbeat(task, fence, lease_ms)).await;
+            let r =
+                tokio::task::spawn_blocking(move || h.db.heartbeat(task, fence, lease_ms)).await;
             if let Ok(Err(DbError::StaleLease { .. })) = r {
                 tracing::warn!(task, "lease lost; stopping the task");
                 cancel.cancel();
@@ -206,12 +209,12 @@ async fn execute(
 ) -> Result<(TaskEnd, Option<LogWriter>), ExecError> {
     let task = &leased.task;
     let build = &leased.build;
-    let work = hub.work_dir().join(format!("task-{}-{}", task.id, leased.fence));
+    let work = hub
+        .work_dir()
+        .join(format!("task-{}-{}", task.id, leased.fence));
     let build_dir = work.join("build");
     let out_dir = work.join("out");
-    let mut log = hub
-        .logs
-        .create(task.id, hub.config.build.log_limit_bytes)?;
+    let mut log = hub.logs.create(task.id, hub.config.build.log_limit_bytes)?;
     log.note(&format!(
         "build {} ({}/{}), task {} attempt {} on {worker}",
         build.id, build.project, build.package, task.id, task.attempt
@@ -244,7 +247,13 @@ async fn execute(
     };
 
     // One pipe carries stdout and stderr interleaved.
-    let (rx, tx) = nix::unistd::pipe().map_err(prep("pipe"))?;
+    // Close-on-exec: no other child the hub spawns may hold the write end,
+    // or the pump would never see end-of-file.
+    let (rx, tx) = std::io::pipe().map_err(prep("pipe"))?;
+    let (rx, tx) = (
+        std::os::fd::OwnedFd::from(rx),
+        std::os::fd::OwnedFd::from(tx),
+    );
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(rx).map_err(prep("pipe"))?;
     let pump = tokio::spawn(pump_log(reader, log));
     let ran = sandbox::run(&hub.kiln_exe, &spec, &work, tx, cancel).await;
@@ -338,7 +347,9 @@ pub fn local_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(x).join("kiln");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/".into());
     home.join(".local/share/kiln")
 }
 

@@ -50,7 +50,11 @@ async fn c_program_builds_and_its_artifact_runs() {
     assert_eq!(plain.bytes().await.unwrap(), bytes);
     let z = h.client.blob(&arts[0].digest, true).await.unwrap();
     assert_eq!(
-        z.headers().get("content-encoding").unwrap().to_str().unwrap(),
+        z.headers()
+            .get("content-encoding")
+            .unwrap()
+            .to_str()
+            .unwrap(),
         "zstd"
     );
     let raw = z.bytes().await.unwrap();
@@ -63,8 +67,16 @@ async fn c_program_builds_and_its_artifact_runs() {
         .text()
         .await
         .unwrap();
-    assert!(page.contains("usr/bin/hello") && page.contains("succeeded"), "{page}");
-    let index = reqwest::get(format!("{}/", h.url())).await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("usr/bin/hello") && page.contains("succeeded"),
+        "{page}"
+    );
+    let index = reqwest::get(format!("{}/", h.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(index.contains(&format!("/builds/{}", b.id)), "{index}");
     h.stop().await;
 }
@@ -75,7 +87,11 @@ async fn failing_build_ends_failed_with_the_compiler_error_in_its_log() {
     let src = script_tree("broken", "cc -o broken broken.c", &["broken"]);
     write_tree(
         src.path(),
-        &[("broken.c", "int main(void) { return undefined_thing; }\n", 0o644)],
+        &[(
+            "broken.c",
+            "int main(void) { return undefined_thing; }\n",
+            0o644,
+        )],
     );
     let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
     let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
@@ -94,10 +110,16 @@ async fn the_same_tree_twice_stores_its_blobs_once() {
     let mut h = hub(0).await;
     let src = script_tree("dedup", "true", &["*"]);
     let big: String = (0..50_000).map(|i| format!("line {i}\n")).collect();
-    write_tree(src.path(), &[("data/big.txt", &big, 0o644), ("a.sh", "echo a\n", 0o755)]);
+    write_tree(
+        src.path(),
+        &[("data/big.txt", &big, 0o644), ("a.sh", "echo a\n", 0o755)],
+    );
     let b1 = h.client.submit_dir(src.path(), None, None).await.unwrap();
     let after_first = blob_count(&h.data());
-    assert!(after_first >= 4, "kiln.toml, big.txt, a.sh and the manifest: {after_first}");
+    assert!(
+        after_first >= 4,
+        "kiln.toml, big.txt, a.sh and the manifest: {after_first}"
+    );
     let b2 = h.client.submit_dir(src.path(), None, None).await.unwrap();
     assert_ne!(b1.id, b2.id);
     assert_eq!(b1.source, b2.source);
@@ -178,7 +200,10 @@ async fn the_log_streams_live_while_the_build_runs() {
     while let Some(c) = s.next().await {
         seen.push_str(&String::from_utf8_lossy(&c.unwrap()));
     }
-    assert!(seen.contains("to-stderr") && seen.contains("last-line"), "{seen}");
+    assert!(
+        seen.contains("to-stderr") && seen.contains("last-line"),
+        "{seen}"
+    );
     assert!(seen.find("first-line") < seen.find("to-stderr"));
     assert!(seen.contains("task ended: succeeded"), "{seen}");
     // The stored log is the same text.
@@ -198,7 +223,10 @@ async fn output_that_looks_like_html_is_escaped_on_the_page() {
         .text()
         .await
         .unwrap();
-    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
     assert!(!page.contains("<script>alert(1)"), "{page}");
     h.stop().await;
 }
@@ -209,7 +237,11 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     let before = blob_count(&h.data());
     let submit_raw = |tar: Vec<u8>| {
         let c = h.client.clone();
-        async move { c.submit_tar(None, Some("bad"), tar.into()).await.map(|_| ()) }
+        async move {
+            c.submit_tar(None, Some("bad"), tar.into())
+                .await
+                .map(|_| ())
+        }
     };
     let expect = |r: Result<(), kiln::client::ClientError>, status: u16, needles: &[&str]| {
         let e = r.expect_err("must be refused");
@@ -289,13 +321,28 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     expect(h.client.artifacts(999).await.map(|_| ()), 404, &["999"]);
     // Missing and invalid tokens: 401.
     let src = script_tree("auth", "true", &["*"]);
-    expect(h.anon.submit_dir(src.path(), None, None).await.map(|_| ()), 401, &["token"]);
+    expect(
+        h.anon.submit_dir(src.path(), None, None).await.map(|_| ()),
+        401,
+        &["token"],
+    );
     let wrong = kiln::client::Client::new(&h.url(), Some("kiln_wrong".into()));
-    expect(wrong.submit_dir(src.path(), None, None).await.map(|_| ()), 401, &["token"]);
-    expect(h.anon.create_token("x", false).await.map(|_| ()), 401, &["token"]);
+    expect(
+        wrong.submit_dir(src.path(), None, None).await.map(|_| ()),
+        401,
+        &["token"],
+    );
+    expect(
+        h.anon.create_token("x", false).await.map(|_| ()),
+        401,
+        &["token"],
+    );
     // A bad project name.
     expect(
-        h.client.submit_dir(src.path(), Some("../p"), None).await.map(|_| ()),
+        h.client
+            .submit_dir(src.path(), Some("../p"), None)
+            .await
+            .map(|_| ()),
         400,
         &["project"],
     );
@@ -317,7 +364,15 @@ async fn tokens_made_by_the_admin_work_and_reads_can_be_private() {
     let b = alice.submit_dir(src.path(), None, None).await.unwrap();
     assert_eq!(b.submitted_by, "alice");
     // A non-admin cannot make tokens.
-    assert_eq!(alice.create_token("bob", false).await.err().unwrap().status(), Some(403));
+    assert_eq!(
+        alice
+            .create_token("bob", false)
+            .await
+            .err()
+            .unwrap()
+            .status(),
+        Some(403)
+    );
     // Reads need a token now.
     assert_eq!(h.anon.build(b.id).await.err().unwrap().status(), Some(401));
     assert_eq!(alice.build(b.id).await.unwrap().detail.build.id, b.id);

@@ -16,7 +16,13 @@ use crate::kiln_exe;
 /// line it prints.
 fn spawn_hub(data: &Path, slots: usize) -> (Child, String) {
     let mut child = Command::new(kiln_exe())
-        .args(["serve", "--listen", "127.0.0.1:0", "--slots", &slots.to_string()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--slots",
+            &slots.to_string(),
+        ])
         .arg("--data")
         .arg(data)
         .env("KILN_LOG", "warn")
@@ -70,7 +76,10 @@ async fn kill_9_mid_build_then_restart_finishes_the_build() {
         if log.contains("started") {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "build never started: {log}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "build never started: {log}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     hub.kill().unwrap(); // SIGKILL
@@ -81,7 +90,8 @@ async fn kill_9_mid_build_then_restart_finishes_the_build() {
     let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout);
     assert!(
-        !ps.lines().any(|l| l.contains("__sandbox-init") && l.contains(data.to_str().unwrap())),
+        !ps.lines()
+            .any(|l| l.contains("__sandbox-init") && l.contains(data.to_str().unwrap())),
         "a sandbox survived the hub:\n{ps}"
     );
 
@@ -92,11 +102,23 @@ async fn kill_9_mid_build_then_restart_finishes_the_build() {
     assert_eq!(v.detail.task_list[0].attempt, 2);
     let arts = client.artifacts(b.id).await.unwrap();
     assert_eq!(arts[0].path, "result.txt");
-    let body = client.artifact(b.id, "result.txt").await.unwrap().text().await.unwrap();
+    let body = client
+        .artifact(b.id, "result.txt")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(body, "finished\n");
     // The earlier build is all there.
     assert_eq!(client.build(done.id).await.unwrap().detail, done_v.detail);
-    let kept = client.artifact(done.id, "kept.txt").await.unwrap().text().await.unwrap();
+    let kept = client
+        .artifact(done.id, "kept.txt")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(kept, "kept\n");
     hub2.kill().unwrap();
     hub2.wait().unwrap();
@@ -117,14 +139,20 @@ fn sigterm_shuts_the_hub_down_cleanly() {
             assert!(status.success(), "{status}");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "hub ignored SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "hub ignored SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn kiln(args: &[&str], url: &str, tok: Option<&str>, cwd: &Path) -> std::process::Output {
     let mut c = Command::new(kiln_exe());
-    c.args(args).current_dir(cwd).env("KILN_URL", url).env_remove("KILN_TOKEN");
+    c.args(args)
+        .current_dir(cwd)
+        .env("KILN_URL", url)
+        .env_remove("KILN_TOKEN");
     if let Some(t) = tok {
         c.env("KILN_TOKEN", t);
     }
@@ -139,17 +167,40 @@ async fn the_cli_submits_watches_and_fetches() {
     let cwd = h.dir.path().to_owned();
     let hello = examples_hello();
     let ok = tokio::task::spawn_blocking(move || {
-        let out = kiln(&["build", "submit", hello.to_str().unwrap()], &url, Some(&tok), &cwd);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = kiln(
+            &["build", "submit", hello.to_str().unwrap()],
+            &url,
+            Some(&tok),
+            &cwd,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let watch = kiln(&["build", "watch", &id], &url, None, &cwd);
-        assert_eq!(watch.status.code(), Some(0), "{}", String::from_utf8_lossy(&watch.stderr));
+        assert_eq!(
+            watch.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&watch.stderr)
+        );
         assert!(String::from_utf8_lossy(&watch.stdout).contains("task ended: succeeded"));
         let list = kiln(&["artifact", "list", &id], &url, None, &cwd);
         assert!(String::from_utf8_lossy(&list.stdout).contains("usr/bin/hello"));
         // By file name, as the quick start shows it.
-        let get = kiln(&["artifact", "get", &id, "hello", "-o", "./hello"], &url, None, &cwd);
-        assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
+        let get = kiln(
+            &["artifact", "get", &id, "hello", "-o", "./hello"],
+            &url,
+            None,
+            &cwd,
+        );
+        assert!(
+            get.status.success(),
+            "{}",
+            String::from_utf8_lossy(&get.stderr)
+        );
         let run = Command::new(cwd.join("hello")).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&run.stdout), "Hello from kiln!\n");
         let show = kiln(&["build", "show", &id], &url, None, &cwd);
@@ -174,10 +225,20 @@ async fn the_cli_submits_watches_and_fetches() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains("424242") && err.contains("404"), "{err}");
-        let out = kiln(&["build", "submit", "/nonexistent-dir"], &url, Some(&tok), &cwd);
+        let out = kiln(
+            &["build", "submit", "/nonexistent-dir"],
+            &url,
+            Some(&tok),
+            &cwd,
+        );
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir"));
-        let out = kiln(&["build", "submit", bad.path().to_str().unwrap()], &url, None, &cwd);
+        let out = kiln(
+            &["build", "submit", bad.path().to_str().unwrap()],
+            &url,
+            None,
+            &cwd,
+        );
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     })
@@ -202,7 +263,9 @@ fn kiln_build_dir_works_without_a_hub() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("cc -O2"));
-    let run = Command::new(dir.path().join("out/usr/bin/hello")).output().unwrap();
+    let run = Command::new(dir.path().join("out/usr/bin/hello"))
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout), "Hello from kiln!\n");
     // Its store is the local one.
     assert!(dir.path().join("xdg/kiln/kiln.redb").exists());
@@ -218,5 +281,10 @@ fn kiln_build_dir_works_without_a_hub() {
         .env("KILN_LOG", "warn")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,0 +1,447 @@
+//! The `kiln __sandbox-init <spec.json> <result.json>` role: a fresh,
+//! single-threaded process (spawned by [`super::run`]) that builds one
+//! sandbox, supervises it and writes its [`Outcome`].
+//!
+//! Three stages, three processes:
+//! - **outer** (host namespaces): dies with the hub, clones pid 1 into new
+//!   namespaces, writes its uid/gid maps (a process inside a new user
+//!   namespace cannot map a range for itself), releases it through a pipe,
+//!   waits for it and writes `result.json`.
+//! - **pid 1** ("kiln-init", new namespaces): dies with the outer, takes the
+//!   mapped root identity, sets hostname and `lo`, assembles the root
+//!   ([`super::rootfs`]), forks the build, reaps every process, and once the
+//!   build exits kills all that is left and reports the build's status.
+//! - **build**: own session, umask 022, cwd, no_new_privs, fds ≥ 3 closed,
+//!   exactly the spec's environment; execs argv.
+//!
+//! What must stay true:
+//! - No thread is ever started in this role (we clone and fork freely).
+//! - pid 1 reports exactly one [`Outcome`] line on the report pipe; the
+//!   build process may report an `Infra` line first if it fails before exec,
+//!   and the first line wins.
+//! - pid 1 stays non-dumpable, and its mm belongs to the host user namespace,
+//!   so the build cannot ptrace it and forge the report.
+//!
+//! Seams for the next issues: `outer::before_release` (cgroup placement and
+//! limits, while pid 1 is still parked), `build::harden` (capabilities,
+//! seccomp, rlimits), `rootfs::open_sources` (overlay buildroots).
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::fcntl::OFlag;
+use nix::sched::CloneFlags;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{Pid, pipe2};
+
+use super::sys::{self, Context as _, SetupError};
+use super::{HUB_PID_ENV, IdMap, Outcome, Spec};
+
+/// Exit code of pid 1 / the build child when setup fails inside the sandbox.
+const SETUP_FAILED: i32 = 125;
+/// Exit code of the build child when exec fails (shell convention).
+const EXEC_FAILED: i32 = 127;
+/// Stack of the cloned pid 1 (only touched pages are ever allocated).
+const PID1_STACK: usize = 8 << 20;
+
+/// Entry point of the init role; returns the process exit code:
+/// 0 when `result.json` was written (whatever the build did), 1 when the
+/// outer itself failed (an `Infra` result is still written), 2 when no
+/// result could be written.
+///
+/// Must run before any thread is started in this process.
+pub fn init_main(spec_path: &Path, result_path: &Path) -> i32 {
+    // Drop anything the hub leaked to us; nothing of ours is open yet.
+    let _ = sys::close_from(3, false);
+
+    let (outcome, code) = match outer::run(spec_path) {
+        Ok(outcome) => (outcome, 0),
+        Err(e) => {
+            report_line(&e);
+            (Outcome::Infra(e.to_string()), 1)
+        }
+    };
+    match write_result(result_path, &outcome) {
+        Ok(()) => code,
+        Err(e) => {
+            report_line(&e);
+            2
+        }
+    }
+}
+
+/// One `kiln-sandbox: ...` line into the build log (our stderr).
+fn report_line(e: &SetupError) {
+    eprintln!("kiln-sandbox: {e}");
+}
+
+/// Write `result.json` atomically (temp file + rename in the same dir).
+fn write_result(path: &Path, outcome: &Outcome) -> Result<(), SetupError> {
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_vec(outcome).expect("Outcome serialises");
+    std::fs::write(&tmp, json).ctx(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).ctx(|| format!("rename {} to {}", tmp.display(), path.display()))
+}
+
+/// Kill (SIGKILL) and reap a child unless disarmed: no pid 1 is left parked
+/// or running when the outer bails out.
+struct KillOnDrop(Option<Pid>);
+
+impl KillOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+    }
+}
+
+mod outer {
+    use super::*;
+
+    pub(super) fn run(spec_path: &Path) -> Result<Outcome, SetupError> {
+        die_with_hub()?;
+        let spec = load_spec(spec_path)?;
+        let rootless = !nix::unistd::geteuid().is_root();
+
+        let (release_r, release_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
+        let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
+        let child = clone_pid1(
+            &spec,
+            rootless,
+            release_r,
+            report_w,
+            [release_w.as_raw_fd(), report_r.as_raw_fd()],
+        )?;
+        let mut guard = KillOnDrop(Some(child));
+
+        write_id_maps(child, &spec.ids, rootless)?;
+        before_release(child, &spec)?;
+        nix::unistd::write(&release_w, b"r").ctx(|| "release sandbox pid 1".into())?;
+
+        let status = loop {
+            match waitpid(child, None) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other.ctx(|| "wait for sandbox pid 1".into())?,
+            }
+        };
+        guard.disarm();
+        // release_w stays open until here: pid 1 reads it to tell whether we are alive.
+        drop(release_w);
+
+        // All writers are gone (pid 1 reaped, and with it its namespace).
+        let mut report = Vec::new();
+        File::from(report_r)
+            .read_to_end(&mut report)
+            .ctx(|| "read sandbox report".into())?;
+        let first = report.split(|&b| b == b'\n').next().unwrap_or_default();
+        if let Ok(outcome) = serde_json::from_slice::<Outcome>(first) {
+            return Ok(outcome);
+        }
+        let why = match status {
+            WaitStatus::Exited(_, code) => {
+                format!("sandbox pid 1 exited with code {code} without a report")
+            }
+            WaitStatus::Signaled(_, sig, _) => format!("sandbox pid 1 killed by {sig}"),
+            other => format!("sandbox pid 1 ended oddly: {other:?}"),
+        };
+        let e = SetupError::Other(why);
+        report_line(&e);
+        Ok(Outcome::Infra(e.to_string()))
+    }
+
+    /// Arm PDEATHSIG, then make sure the hub did not die before it was armed.
+    fn die_with_hub() -> Result<(), SetupError> {
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx(|| "prctl PR_SET_PDEATHSIG".into())?;
+        let hub = std::env::var(HUB_PID_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok());
+        if let Some(hub) = hub
+            && nix::unistd::getppid() != Pid::from_raw(hub)
+        {
+            return Err(SetupError::Other(format!(
+                "hub (pid {hub}) exited before the sandbox started"
+            )));
+        }
+        Ok(())
+    }
+
+    fn load_spec(path: &Path) -> Result<Spec, SetupError> {
+        let bytes = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SetupError::Other(format!("parse {}: {e}", path.display())))
+    }
+
+    fn clone_pid1(
+        spec: &Spec,
+        rootless: bool,
+        release_r: OwnedFd,
+        report_w: OwnedFd,
+        parent_ends: [RawFd; 2],
+    ) -> Result<Pid, SetupError> {
+        let flags = CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            // The cgroup namespace root is fixed here: a later cgroup issue
+            // must place the outer (or use clone3 CLONE_INTO_CGROUP) first.
+            | CloneFlags::CLONE_NEWCGROUP;
+        let mut stack = vec![0u8; PID1_STACK];
+        let mut ends = Some((release_r, report_w));
+        let cb = Box::new(|| -> isize {
+            let (release, report) = ends.take().expect("clone callback runs once");
+            super::pid1::main(spec, rootless, release, report, parent_ends)
+        });
+        // SAFETY: this process is single-threaded (the init role starts no
+        // thread), so the child's copy of the address space is consistent;
+        // the callback never returns (pid1::main diverges) and `stack` lives
+        // in the child's copy for as long as the child runs.
+        let pid = unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) };
+        // Our copies of the child's ends are closed here, so EOF means the child is gone.
+        drop(ends);
+        pid.ctx(|| "clone into new namespaces".into())
+    }
+
+    /// Map the build's ids. Root maps the spec's range; an ordinary user may
+    /// map only itself and must deny setgroups before writing gid_map.
+    fn write_id_maps(child: Pid, ids: &IdMap, rootless: bool) -> Result<(), SetupError> {
+        let proc = format!("/proc/{child}");
+        let write = |file: &str, content: String| {
+            let path = format!("{proc}/{file}");
+            std::fs::write(&path, content).ctx(|| format!("write {path}"))
+        };
+        if rootless {
+            write("setgroups", "deny".into())?;
+        }
+        write("uid_map", format!("0 {} {}\n", ids.host_uid, ids.count))?;
+        write("gid_map", format!("0 {} {}\n", ids.host_gid, ids.count))?;
+        Ok(())
+    }
+
+    /// Seam: cgroup placement and limits go here, while pid 1 is still
+    /// parked on the release pipe and has run nothing of the build.
+    fn before_release(_child: Pid, _spec: &Spec) -> Result<(), SetupError> {
+        Ok(())
+    }
+}
+
+mod pid1 {
+    use super::*;
+    use nix::unistd::{Gid, Uid};
+
+    /// Body of pid 1. Never returns: its exit code is the build's status
+    /// (code, or 128 + signal), the precise outcome goes on the report pipe.
+    pub(super) fn main(
+        spec: &Spec,
+        rootless: bool,
+        release: OwnedFd,
+        report: OwnedFd,
+        parent_ends: [RawFd; 2],
+    ) -> ! {
+        let mut report = File::from(report);
+        let outcome = match setup(spec, rootless, release, parent_ends) {
+            Ok(()) => supervise(spec, &report),
+            Err(e) => {
+                report_line(&e);
+                Outcome::Infra(e.to_string())
+            }
+        };
+        let mut line = serde_json::to_vec(&outcome).expect("Outcome serialises");
+        line.push(b'\n');
+        let _ = report.write_all(&line);
+        sys::exit_now(match outcome {
+            Outcome::Exited(code) => code,
+            Outcome::Signaled(sig) => 128 + sig,
+            Outcome::Cancelled | Outcome::Infra(_) => SETUP_FAILED,
+        })
+    }
+
+    fn setup(
+        spec: &Spec,
+        rootless: bool,
+        release: OwnedFd,
+        parent_ends: [RawFd; 2],
+    ) -> Result<(), SetupError> {
+        // First thing: if the outer dies, so do we (and with us the namespace).
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx(|| "prctl PR_SET_PDEATHSIG".into())?;
+        for fd in parent_ends {
+            let _ = nix::unistd::close(fd);
+        }
+        // Parked until the outer has written our id maps. EOF: the outer died.
+        let mut byte = [0u8; 1];
+        match nix::unistd::read(&release, &mut byte) {
+            Ok(1) => {}
+            Ok(_) => return Err(SetupError::Other("outer init exited before release".into())),
+            Err(e) => return Err(e).ctx(|| "wait for release".into()),
+        }
+        // Quiet ptrace/core-dump access to pid 1, and name it for `ps`.
+        nix::sys::prctl::set_dumpable(false).ctx(|| "prctl PR_SET_DUMPABLE".into())?;
+        let _ = nix::sys::prctl::set_name(c"kiln-init");
+        nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+
+        // Host paths are opened with the identity we were cloned with (see rootfs).
+        let sources = super::super::rootfs::open_sources(spec)?;
+
+        become_root(rootless)?;
+        // Changing ids cleared PDEATHSIG: arm it again, then check the outer
+        // did not die in between: a non-blocking read of the release pipe
+        // gives EAGAIN while the outer holds its end, EOF once it is gone.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx(|| "prctl PR_SET_PDEATHSIG".into())?;
+        nix::fcntl::fcntl(&release, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+            .ctx(|| "fcntl release pipe".into())?;
+        match nix::unistd::read(&release, &mut byte) {
+            Err(nix::errno::Errno::EAGAIN) => {}
+            _ => return Err(SetupError::Other("outer init exited during setup".into())),
+        }
+        drop(release);
+
+        nix::unistd::sethostname(&spec.hostname)
+            .ctx(|| format!("sethostname {}", spec.hostname))?;
+        sys::loopback_up().ctx(|| "bring up lo".into())?;
+        super::super::rootfs::assemble(sources, spec)?;
+        Ok(())
+    }
+
+    /// Become uid/gid 0 of the new user namespace (the mapped host ids).
+    fn become_root(rootless: bool) -> Result<(), SetupError> {
+        // Rootless maps deny setgroups; the inherited groups show as nogroup.
+        if !rootless {
+            nix::unistd::setgroups(&[]).ctx(|| "setgroups []".into())?;
+        }
+        let (g, u) = (Gid::from_raw(0), Uid::from_raw(0));
+        nix::unistd::setresgid(g, g, g).ctx(|| "setresgid 0".into())?;
+        nix::unistd::setresuid(u, u, u).ctx(|| "setresuid 0".into())?;
+        Ok(())
+    }
+
+    /// Fork the build, reap everything until it exits, then kill and reap
+    /// whatever is left in the namespace.
+    fn supervise(spec: &Spec, report: &File) -> Outcome {
+        // SAFETY: single-threaded process; the child only runs our own code up to exec.
+        let build = match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => super::build::exec(spec, report),
+            Ok(nix::unistd::ForkResult::Parent { child }) => child,
+            Err(e) => {
+                let e = SetupError::Sys {
+                    what: "fork build process".into(),
+                    errno: e,
+                };
+                report_line(&e);
+                return Outcome::Infra(e.to_string());
+            }
+        };
+        let outcome = loop {
+            match waitpid(None::<Pid>, None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == build => break Outcome::Exited(code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == build => {
+                    break Outcome::Signaled(sig as i32);
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    let e = SetupError::Sys {
+                        what: "wait for build process".into(),
+                        errno: e,
+                    };
+                    report_line(&e);
+                    break Outcome::Infra(e.to_string());
+                }
+            }
+        };
+        // kill(-1) as pid 1 of the namespace reaches every process in it but us.
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        // Reap until ECHILD: nothing is left.
+        while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
+        outcome
+    }
+}
+
+mod build {
+    use super::*;
+    use nix::sys::signal::{
+        SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, sigaction, sigprocmask,
+    };
+    use std::ffi::CString;
+
+    /// In the forked build process: prepare and exec. On failure report an
+    /// `Infra` line (it precedes pid 1's own report) and exit 127.
+    pub(super) fn exec(spec: &Spec, report: &File) -> ! {
+        let e = match prepare(spec) {
+            Ok((path, argv, env)) => {
+                let errno = nix::unistd::execve(&path, &argv, &env).unwrap_err();
+                SetupError::Sys {
+                    what: format!("exec {}", spec.argv[0]),
+                    errno,
+                }
+            }
+            Err(e) => e,
+        };
+        report_line(&e);
+        let mut line =
+            serde_json::to_vec(&Outcome::Infra(e.to_string())).expect("Outcome serialises");
+        line.push(b'\n');
+        let _ = (&*report).write_all(&line);
+        sys::exit_now(EXEC_FAILED)
+    }
+
+    type Exec = (CString, Vec<CString>, Vec<CString>);
+
+    fn prepare(spec: &Spec) -> Result<Exec, SetupError> {
+        let cstr = |s: String| {
+            CString::new(s).map_err(|_| SetupError::Other("NUL byte in argv or env".into()))
+        };
+        let argv = spec
+            .argv
+            .iter()
+            .cloned()
+            .map(cstr)
+            .collect::<Result<Vec<_>, _>>()?;
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstr(format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = argv
+            .first()
+            .cloned()
+            .ok_or_else(|| SetupError::Other("empty argv".into()))?;
+
+        // Own session: no controlling terminal, no TIOCSTI into the hub's.
+        nix::unistd::setsid().ctx(|| "setsid".into())?;
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        nix::unistd::chdir(spec.cwd.as_str()).ctx(|| format!("chdir {}", spec.cwd))?;
+        reset_signals()?;
+        harden()?;
+        // Marked close-on-exec rather than closed, so the report pipe still
+        // works if exec fails.
+        sys::close_from(3, true).ctx(|| "close_range".into())?;
+        Ok((path, argv, env))
+    }
+
+    /// Ignored signals survive exec (the Rust runtime ignores SIGPIPE), so
+    /// give the build default dispositions and an empty signal mask.
+    fn reset_signals() -> Result<(), SetupError> {
+        let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        for sig in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
+            // SAFETY: installing SIG_DFL runs no handler code of ours.
+            unsafe { sigaction(sig, &dfl) }.ctx(|| format!("reset {sig}"))?;
+        }
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+            .ctx(|| "sigprocmask".into())
+    }
+
+    /// Seam: capability dropping, seccomp and rlimits go here, last before exec.
+    fn harden() -> Result<(), SetupError> {
+        nix::sys::prctl::set_no_new_privs().ctx(|| "prctl PR_SET_NO_NEW_PRIVS".into())
+    }
+}

@@ -1,0 +1,281 @@
+//! The sandbox's root filesystem, assembled by pid 1 in its own mount
+//! namespace: a tmpfs root with the host's system dirs bound read-only,
+//! `/build` and `/out` read-write, fresh `/tmp`, `/proc`, a minimal `/dev`.
+//!
+//! What must stay true:
+//! - Nothing of the host is visible but the dirs in [`SYSTEM_DIRS`] (read-only,
+//!   recursively) and the spec's build/out dirs. In particular no /home,
+//!   /root, /var, /run, /sys, /work or the hub's data.
+//! - Host paths are opened ([`open_sources`]) while pid 1 still has the host
+//!   identity it was cloned with, because the mapped root may be unable to
+//!   search the hub's private dirs (e.g. a 0700 temp dir); the binds then use
+//!   those fds, not paths.
+//! - The old root is detached before the build runs; the new root is
+//!   read-only, only /build, /out, /tmp, /dev/shm (and /dev/pts) writable.
+//!
+//! Seam: overlay buildroots add a `RootSpec` variant whose lower/upper dirs are
+//! opened in `open_sources` and mounted as the root instead of the tmpfs.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::Mode;
+
+use super::sys::{Context as _, SetupError, make_readonly};
+use super::{RootSpec, Spec};
+
+/// Host dirs shared read-only with builds, if they exist. Symlinks among them
+/// (merged /usr: /bin -> usr/bin) are recreated as symlinks.
+const SYSTEM_DIRS: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt",
+];
+
+/// Host device nodes bound into /dev.
+const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Where the new root is assembled: any existing host dir works, since the
+/// tmpfs covers it only inside our private mount namespace and is pivoted away.
+const STAGE: &str = "/tmp";
+
+/// A host system dir: bound, or recreated as a symlink.
+enum SystemEntry {
+    Dir(&'static str, OwnedFd),
+    Link(&'static str, OsString),
+}
+
+/// Host objects the root is built from, opened with the host identity.
+pub(super) struct Sources {
+    system: Vec<SystemEntry>,
+    build: OwnedFd,
+    out: OwnedFd,
+    dev: Vec<(&'static str, OwnedFd)>,
+}
+
+fn open_path(path: &Path, dir: bool) -> nix::Result<OwnedFd> {
+    let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    if dir {
+        flags |= OFlag::O_DIRECTORY;
+    }
+    open(path, flags, Mode::empty())
+}
+
+/// Open every host path the root needs. Call before switching to the mapped ids.
+pub(super) fn open_sources(spec: &Spec) -> Result<Sources, SetupError> {
+    let RootSpec::Host = spec.root;
+    let mut system = Vec::new();
+    for &name in SYSTEM_DIRS {
+        let host = Path::new("/").join(name);
+        match std::fs::symlink_metadata(&host) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx(|| format!("stat {}", host.display())),
+            Ok(m) if m.file_type().is_symlink() => {
+                let target =
+                    std::fs::read_link(&host).ctx(|| format!("readlink {}", host.display()))?;
+                system.push(SystemEntry::Link(name, target.into_os_string()));
+            }
+            Ok(m) if m.is_dir() => {
+                let fd = open_path(&host, true).ctx(|| format!("open {}", host.display()))?;
+                system.push(SystemEntry::Dir(name, fd));
+            }
+            Ok(_) => continue,
+        }
+    }
+    let build = open_path(&spec.build_dir, true)
+        .ctx(|| format!("open build dir {}", spec.build_dir.display()))?;
+    let out = open_path(&spec.out_dir, true)
+        .ctx(|| format!("open out dir {}", spec.out_dir.display()))?;
+    let mut dev = Vec::new();
+    for &name in DEV_NODES {
+        let host = Path::new("/dev").join(name);
+        match open_path(&host, false) {
+            Ok(fd) => dev.push((name, fd)),
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e).ctx(|| format!("open {}", host.display())),
+        }
+    }
+    Ok(Sources {
+        system,
+        build,
+        out,
+        dev,
+    })
+}
+
+/// Paths under the staged root, named in messages as the build will see them.
+struct Root(PathBuf);
+
+impl Root {
+    fn at(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    fn mkdir(&self, rel: &str, mode: u32) -> Result<PathBuf, SetupError> {
+        let p = self.at(rel);
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(&p)
+            .ctx(|| format!("mkdir /{rel}"))?;
+        Ok(p)
+    }
+
+    fn touch(&self, rel: &str) -> Result<PathBuf, SetupError> {
+        let p = self.at(rel);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(&p)
+            .ctx(|| format!("create /{rel}"))?;
+        Ok(p)
+    }
+
+    fn symlink(&self, target: impl AsRef<Path>, rel: &str) -> Result<(), SetupError> {
+        std::os::unix::fs::symlink(target.as_ref(), self.at(rel)).ctx(|| format!("symlink /{rel}"))
+    }
+
+    fn mount_fs(
+        &self,
+        fstype: &str,
+        rel: &str,
+        flags: MsFlags,
+        data: &str,
+    ) -> Result<(), SetupError> {
+        let target = self.at(rel);
+        mount(Some(fstype), &target, Some(fstype), flags, Some(data))
+            .ctx(|| format!("mount {fstype} on /{rel}"))
+    }
+
+    /// Recursive bind of an fd opened by `open_sources`.
+    fn bind(&self, src: &OwnedFd, rel: &str, what: &str) -> Result<(), SetupError> {
+        // The magic link resolves to exactly the object we opened, whatever
+        // the path's permissions are for the ids we run as now.
+        let source = format!("/proc/self/fd/{}", src.as_raw_fd());
+        mount(
+            Some(source.as_str()),
+            &self.at(rel),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .ctx(|| format!("bind {what} on /{rel}"))
+    }
+}
+
+/// Build the root and pivot into it. Runs in pid 1, as the mapped root, in
+/// the new mount namespace; afterwards the host's tree is gone from view.
+pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
+    // Nothing we mount may propagate back to the host (or in from it).
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .ctx(|| "make / rprivate".into())?;
+
+    let root = Root(PathBuf::from(STAGE));
+    mount(
+        Some("kiln-root"),
+        STAGE,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .ctx(|| "mount tmpfs as new root".into())?;
+
+    for entry in &src.system {
+        match entry {
+            SystemEntry::Dir(name, fd) => {
+                let target = root.mkdir(name, 0o755)?;
+                root.bind(fd, name, &format!("/{name}"))?;
+                make_readonly(&target, true).ctx(|| format!("make /{name} read-only"))?;
+            }
+            SystemEntry::Link(name, dest) => root.symlink(dest, name)?,
+        }
+    }
+
+    root.mkdir("build", 0o755)?;
+    root.bind(&src.build, "build", &spec.build_dir.display().to_string())?;
+    root.mkdir("out", 0o755)?;
+    root.bind(&src.out, "out", &spec.out_dir.display().to_string())?;
+
+    root.mkdir("tmp", 0o1777)?;
+    root.mount_fs(
+        "tmpfs",
+        "tmp",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=1777",
+    )?;
+    root.mkdir("var", 0o755)?;
+    root.symlink("/tmp", "var/tmp")?;
+
+    // proc must be mounted while the host's /proc is still visible: the
+    // kernel refuses a new proc in a user namespace that would reveal more
+    // than an existing fully visible one.
+    root.mkdir("proc", 0o555)?;
+    root.mount_fs(
+        "proc",
+        "proc",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        "",
+    )?;
+
+    populate_dev(&root, &src.dev)?;
+
+    // pivot_root(".", ".") stacks the old root on the new one; the detach
+    // unmount then drops it, with all host mounts below it.
+    std::env::set_current_dir(STAGE).ctx(|| "chdir to new root".into())?;
+    nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
+    umount2(".", MntFlags::MNT_DETACH).ctx(|| "detach old root".into())?;
+    std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
+    make_readonly(Path::new("/"), false).ctx(|| "make / read-only".into())?;
+    Ok(())
+}
+
+/// A tmpfs /dev with host nodes bound in, its own devpts, /dev/shm and the
+/// usual symlinks; read-only once populated.
+fn populate_dev(root: &Root, nodes: &[(&'static str, OwnedFd)]) -> Result<(), SetupError> {
+    let dev = root.mkdir("dev", 0o755)?;
+    root.mount_fs(
+        "tmpfs",
+        "dev",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=0755",
+    )?;
+    for (name, fd) in nodes {
+        let rel = format!("dev/{name}");
+        root.touch(&rel)?;
+        root.bind(fd, &rel, &format!("host /dev/{name}"))?;
+    }
+    root.mkdir("dev/pts", 0o755)?;
+    // No gid= option: gid 5 (tty) need not be mapped (rootless maps only 0).
+    root.mount_fs(
+        "devpts",
+        "dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    root.symlink("pts/ptmx", "dev/ptmx")?;
+    root.mkdir("dev/shm", 0o1777)?;
+    root.mount_fs(
+        "tmpfs",
+        "dev/shm",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=1777",
+    )?;
+    for (link, target) in [
+        ("dev/fd", "/proc/self/fd"),
+        ("dev/stdin", "/proc/self/fd/0"),
+        ("dev/stdout", "/proc/self/fd/1"),
+        ("dev/stderr", "/proc/self/fd/2"),
+    ] {
+        root.symlink(target, link)?;
+    }
+    make_readonly(&dev, false).ctx(|| "make /dev read-only".into())?;
+    Ok(())
+}
