@@ -135,3 +135,15 @@ pub const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn examples_hello() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/hello")
 }
+
+/// Submits a script tree to `h` and waits for the build to end.
+pub async fn run_script(
+    h: &TestHub,
+    name: &str,
+    script: &str,
+    outputs: &[&str],
+) -> kiln::server::BuildView {
+    let src = script_tree(name, script, outputs);
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+    h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap()
+}

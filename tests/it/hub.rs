@@ -134,14 +134,15 @@ async fn the_same_tree_twice_stores_its_blobs_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_corrupted_on_disk_is_refused() {
     let mut h = hub(1).await;
-    let src = script_tree(
+    let v = run_script(
+        &h,
         "corrupt",
         "head -c 3000000 /dev/urandom > $KILN_OUT/big.bin; echo small > $KILN_OUT/small.txt",
         &["*"],
-    );
-    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
-    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    )
+    .await;
     assert_eq!(v.detail.build.state, BuildState::Succeeded);
+    let b = &v.detail.build;
     let arts = h.client.artifacts(b.id).await.unwrap();
     assert_eq!(arts.len(), 2);
     for a in &arts {
@@ -214,9 +215,8 @@ async fn the_log_streams_live_while_the_build_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_that_looks_like_html_is_escaped_on_the_page() {
     let mut h = hub(1).await;
-    let src = script_tree("xss", "echo '<script>alert(1)</script>'", &["*"]);
-    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
-    h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    let v = run_script(&h, "xss", "echo '<script>alert(1)</script>'", &["*"]).await;
+    let b = &v.detail.build;
     let page = reqwest::get(format!("{}/builds/{}", h.url(), b.id))
         .await
         .unwrap()
