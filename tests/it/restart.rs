@@ -288,3 +288,34 @@ fn kiln_build_dir_works_without_a_hub() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn check_config_prints_the_effective_config_and_names_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[build]\nslots = 5\n").unwrap();
+    let out = Command::new(kiln_exe())
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .env("KILN_LISTEN", "127.0.0.1:9999")
+        .env_remove("KILN_SLOTS")
+        .env_remove("KILN_DATA")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("slots = 5"), "{text}");
+    assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\npublic_reads = true\nlisen = \"x\"\n").unwrap();
+    let out = Command::new(kiln_exe())
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("line 3") && err.contains("lisen"), "{err}");
+}
