@@ -440,8 +440,8 @@ mod build {
             .ctx(|| "sigprocmask".into())
     }
 
-    /// Seam: capability dropping, seccomp and rlimits go here, last before exec.
+    /// rlimits, capabilities, no_new_privs and seccomp: last before exec.
     fn harden() -> Result<(), SetupError> {
-        nix::sys::prctl::set_no_new_privs().ctx(|| "prctl PR_SET_NO_NEW_PRIVS".into())
+        super::super::harden::apply()
     }
 }

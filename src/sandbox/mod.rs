@@ -41,6 +41,7 @@
 //! seccomp, masking of /proc/sys and friends, rlimits, cgroup limits,
 //! timeouts, overlay buildroots.
 
+mod harden;
 mod init;
 mod rootfs;
 mod sys;
@@ -53,6 +54,7 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub use harden::{DENIED_SYSCALLS, KEEP_CAPS};
 pub use init::init_main;
 
 /// The hidden `argv[1]` that selects the init role: `kiln __sandbox-init <spec.json> <result.json>`.

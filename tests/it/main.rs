@@ -2,6 +2,7 @@
 //! real hub on a loopback port, real redb files, real sandboxes).
 
 mod harness;
+mod hostile;
 mod hub;
 mod restart;
 mod sandbox;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::kiln_exe;
 
 /// A task's dirs on the host: build, out and work under one temp dir.
-struct Task {
+pub(crate) struct Task {
     tmp: tempfile::TempDir,
     build: PathBuf,
     out: PathBuf,
@@ -142,7 +142,7 @@ async fn run(task: &Task, spec: &Spec) -> (Outcome, String) {
     (outcome, log.finish(Duration::from_secs(10)))
 }
 
-async fn run_sh(script: &str) -> (Outcome, String, Task) {
+pub(crate) async fn run_sh(script: &str) -> (Outcome, String, Task) {
     let task = Task::new();
     let (outcome, log) = run(&task, &task.sh(script)).await;
     (outcome, log, task)

@@ -1,0 +1,116 @@
+//! Hostile builds: each tries to break out of or abuse the sandbox and must
+//! be contained, with the reason it ended recorded.
+
+use kiln::sandbox::{DENIED_SYSCALLS, KEEP_CAPS, Outcome};
+
+use crate::sandbox::run_sh;
+
+/// Runs `script`, which must fail in the sandbox, and returns its log.
+async fn refused(script: &str) -> String {
+    let (outcome, log, _t) = run_sh(script).await;
+    assert!(
+        matches!(outcome, Outcome::Exited(c) if c != 0),
+        "{script:?} was not refused: {outcome:?}\n{log}"
+    );
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_denied_syscall_fails_with_eperm() {
+    // perl's syscall() reaches the raw numbers; each must come back EPERM.
+    let calls: Vec<String> = DENIED_SYSCALLS
+        .iter()
+        .map(|(name, nr)| format!("[\"{name}\",{nr}]"))
+        .collect();
+    let script = format!(
+        "perl -e 'for $c ({}) {{ $! = 0; $r = syscall($$c[1], 0, 0, 0, 0, 0); printf(\"%s %d %d\\n\", $$c[0], $r, $!+0); }}'",
+        calls.join(",")
+    );
+    let (outcome, log, _t) = run_sh(&script).await;
+    assert_eq!(outcome, Outcome::Exited(0), "{log}");
+    for (name, _) in DENIED_SYSCALLS {
+        let line = log
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} not tried:\n{log}"));
+        assert_eq!(line, format!("{name} -1 {}", libc::EPERM), "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bounding_set_holds_only_the_kept_capabilities() {
+    let (outcome, log, _t) = run_sh("grep -E '^Cap(Bnd|Eff|Prm|Inh|Amb)' /proc/self/status").await;
+    assert_eq!(outcome, Outcome::Exited(0), "{log}");
+    let want: u64 = KEEP_CAPS.iter().map(|c| 1u64 << c.index()).sum();
+    let field = |name: &str| {
+        let line = log.lines().find(|l| l.starts_with(name)).expect(name);
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    assert_eq!(field("CapBnd:"), want, "{log}");
+    assert_eq!(field("CapEff:"), want, "{log}");
+    assert_eq!(field("CapInh:"), 0, "{log}");
+    assert_eq!(field("CapAmb:"), 0, "{log}");
+    // CAP_SYS_ADMIN (21) is gone for good.
+    assert_eq!(field("CapBnd:") & (1 << 21), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounting_anything_is_refused() {
+    let log = refused("mkdir -p /tmp/m && mount -t tmpfs none /tmp/m").await;
+    assert!(
+        log.contains("permission denied") || log.contains("not permitted"),
+        "{log}"
+    );
+    refused("mount --bind /build /tmp").await;
+    refused("umount /proc").await;
+    refused("mkdir -p /tmp/new/old && pivot_root /tmp/new /tmp/new/old").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_user_namespaces_are_refused() {
+    let log = refused("unshare -U true").await;
+    assert!(log.contains("not permitted"), "{log}");
+    refused("unshare -Ur true").await;
+    refused("unshare -m true").await;
+    refused("unshare -n true").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_secrets_stay_unreadable() {
+    refused("cat /etc/shadow").await;
+    refused("ls /root").await;
+    refused("cat /proc/1/environ | grep -a KILN_SANDBOX_HUB_PID").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_nodes_cannot_be_made_or_opened() {
+    refused("mknod /tmp/mem c 1 1").await;
+    refused("head -c1 /dev/mem").await;
+    refused("mknod /build/sda b 8 0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setuid_copy_made_in_build_gains_nothing() {
+    // With no_new_privs the setuid bit of a copy owned by another user is
+    // ignored: it runs as us (root inside, an unprivileged id outside).
+    let (outcome, log, _t) = run_sh(
+        "cp /usr/bin/id /build/id && chown 1000:1000 /build/id && chmod 4755 /build/id && \
+         setpriv --reuid=2000 --regid=2000 --clear-groups /build/id -u",
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Exited(0), "{log}");
+    assert!(
+        log.lines().any(|l| l.trim() == "2000"),
+        "setuid took effect:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_core_dumps() {
+    let (outcome, log, _t) = run_sh("ulimit -c; ulimit -c unlimited").await;
+    assert!(log.lines().next() == Some("0"), "{log}");
+    assert!(
+        matches!(outcome, Outcome::Exited(c) if c != 0),
+        "raising the core limit worked: {log}"
+    );
+}
