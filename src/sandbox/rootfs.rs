@@ -226,6 +226,7 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
     )?;
 
     populate_dev(&root, &src.dev)?;
+    mask_proc(&root)?;
 
     // pivot_root(".", ".") stacks the old root on the new one; the detach
     // unmount then drops it, with all host mounts below it.
@@ -234,6 +235,64 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detach old root".into())?;
     std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
     make_readonly(Path::new("/"), false).ctx(|| "make / read-only".into())?;
+    Ok(())
+}
+
+/// Kernel knobs under /proc become read-only and kernel internals are
+/// hidden (/dev/null over files, an empty read-only tmpfs over dirs), as
+/// container runtimes do. Entries this kernel lacks are skipped.
+const PROC_READ_ONLY: &[&str] = &[
+    "proc/sys",
+    "proc/sysrq-trigger",
+    "proc/irq",
+    "proc/bus",
+    "proc/fs",
+];
+const PROC_MASKED_FILES: &[&str] = &[
+    "proc/kcore",
+    "proc/keys",
+    "proc/timer_list",
+    "proc/sched_debug",
+    "proc/kallsyms",
+];
+const PROC_MASKED_DIRS: &[&str] = &["proc/acpi", "proc/scsi", "proc/driver"];
+
+fn mask_proc(root: &Root) -> Result<(), SetupError> {
+    let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+    for rel in PROC_READ_ONLY {
+        let p = root.at(rel);
+        if p.exists() {
+            mount(Some(&p), &p, None::<&str>, bind, None::<&str>).ctx(|| format!("bind /{rel}"))?;
+            make_readonly(&p, true).ctx(|| format!("make /{rel} read-only"))?;
+        }
+    }
+    let null = root.at("dev/null");
+    for rel in PROC_MASKED_FILES {
+        let p = root.at(rel);
+        if p.exists() {
+            mount(
+                Some(&null),
+                &p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .ctx(|| format!("mask /{rel}"))?;
+        }
+    }
+    for rel in PROC_MASKED_DIRS {
+        let p = root.at(rel);
+        if p.exists() {
+            mount(
+                Some("kiln-masked"),
+                &p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=0555"),
+            )
+            .ctx(|| format!("mask /{rel}"))?;
+        }
+    }
     Ok(())
 }
 

@@ -114,3 +114,24 @@ async fn no_core_dumps() {
         "raising the core limit worked: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proc_sys_and_sys_cannot_be_written() {
+    // net.* sysctls belong to the build's own network namespace, so only a
+    // read-only /proc/sys stops this write.
+    let log = refused("echo 1 > /proc/sys/net/ipv4/ip_forward").await;
+    assert!(log.contains("Read-only file system"), "{log}");
+    refused("echo kiln-evil > /proc/sys/kernel/hostname").await;
+    refused("echo b > /proc/sysrq-trigger").await;
+    refused("ls /sys/fs/cgroup").await;
+    refused("echo x > /sys/kernel/uevent_helper").await;
+    // Kernel internals read as empty (kallsyms is megabytes on the host).
+    assert!(std::fs::metadata("/proc/kallsyms").is_ok());
+    let (outcome, log, _t) = run_sh("wc -c < /proc/kallsyms; ls /proc/acpi | wc -l").await;
+    assert_eq!(outcome, Outcome::Exited(0), "{log}");
+    assert_eq!(
+        log.split_whitespace().collect::<Vec<_>>(),
+        ["0", "0"],
+        "{log}"
+    );
+}
