@@ -33,6 +33,11 @@ pub fn find_token(explicit: Option<String>, data: Option<&Path>) -> Option<Strin
 
 /// `kiln serve`: run the hub until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first: a signal that arrives once the address is printed must
+    // already mean a clean shutdown.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let exe = std::env::current_exe().context("locating the kiln binary")?;
     let running = crate::start(config, exe).await?;
     eprintln!("kiln: listening on {}", running.url());
@@ -41,9 +46,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         running.hub.data_dir().display(),
         running.hub.data_dir().join(ADMIN_TOKEN_FILE).display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     eprintln!("kiln: shutting down");
