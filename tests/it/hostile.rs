@@ -135,3 +135,108 @@ async fn proc_sys_and_sys_cannot_be_written() {
         "{log}"
     );
 }
+
+mod through_the_hub {
+    use kiln::model::{BuildState, Outcome};
+
+    use crate::harness::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_log_output_is_capped_and_the_build_goes_on() {
+        let mut h = hub_with(1, |c| c.build.log_limit_bytes = 1 << 20).await;
+        // 300 MB of output, then real work that must still happen.
+        let v = run_script(
+            &h,
+            "flood",
+            "yes 'kiln log flood line' | head -c 300000000; echo done > $KILN_OUT/after.txt",
+            &["*"],
+        )
+        .await;
+        assert_eq!(v.detail.build.state, BuildState::Succeeded);
+        let log = h.client.log_text(v.detail.build.id).await.unwrap();
+        assert!(log.len() < (1 << 20) + 4096, "log is {} bytes", log.len());
+        assert!(
+            log.contains("log limit of 1048576 bytes reached"),
+            "{}",
+            &log[log.len() - 500..]
+        );
+        let arts = h.client.artifacts(v.detail.build.id).await.unwrap();
+        assert_eq!(arts[0].path, "after.txt");
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_output_symlink_to_etc_passwd_is_kept_as_a_link_never_followed() {
+        let mut h = hub(1).await;
+        let v = run_script(
+            &h,
+            "passwd-link",
+            "ln -s /etc/passwd $KILN_OUT/passwd; echo real > $KILN_OUT/real.txt",
+            &["*"],
+        )
+        .await;
+        assert_eq!(v.detail.build.state, BuildState::Succeeded);
+        let task = &v.detail.task_list[0];
+        // The link is in the output tree as a link; only real files are artifacts.
+        let tree = h
+            .running
+            .as_ref()
+            .unwrap()
+            .hub
+            .cas
+            .get_tree(&task.outputs.unwrap())
+            .unwrap();
+        let link = tree.get("passwd").expect("link kept in the output tree");
+        assert!(
+            matches!(&link.kind, kiln::cas::EntryKind::Symlink { target } if target == "/etc/passwd"),
+            "{:?}",
+            link.kind
+        );
+        let arts = h.client.artifacts(v.detail.build.id).await.unwrap();
+        assert_eq!(
+            arts.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(),
+            ["real.txt"]
+        );
+        let passwd = std::fs::read("/etc/passwd").unwrap();
+        assert!(
+            h.client
+                .artifact(v.detail.build.id, "passwd")
+                .await
+                .is_err()
+        );
+        assert!(
+            !arts
+                .iter()
+                .any(|a| a.size == passwd.len() as u64 && a.path == "passwd")
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hub_its_data_and_the_network_are_out_of_reach() {
+        let mut h = hub(1).await;
+        let port = h.running.as_ref().unwrap().addr.port();
+        let data = h.data();
+        let script = format!(
+            "fail=0\n\
+             bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' && {{ echo reached-hub; fail=1; }}\n\
+             getent hosts deb.debian.org && {{ echo resolved; fail=1; }}\n\
+             ls {data} 2>/dev/null && {{ echo saw-data; fail=1; }}\n\
+             cat {data}/admin.token 2>/dev/null && {{ echo read-token; fail=1; }}\n\
+             exit $fail",
+            data = data.display()
+        );
+        let v = run_script(&h, "reach", &script, &["*"]).await;
+        let log = h.client.log_text(v.detail.build.id).await.unwrap();
+        assert_eq!(
+            v.detail.task_list[0].outcome,
+            Some(Outcome::Succeeded),
+            "{log}"
+        );
+        // The connect was really tried, and refused (bash says why).
+        assert!(log.contains("Connection refused"), "{log}");
+        // From the host the same port answers.
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("hub reachable from the host");
+        h.stop().await;
+    }
+}
