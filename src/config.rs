@@ -60,6 +60,9 @@ pub struct BuildConfig {
     pub lease_secs: u64,
     /// Runs of a task lost to infrastructure before it is failed.
     pub max_attempts: u32,
+    /// Wall-clock limit of one task, in seconds; past it the whole sandbox
+    /// is killed and the task ends `timed out`.
+    pub timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +85,7 @@ impl Default for BuildConfig {
             log_limit_bytes: 64 << 20,
             lease_secs: 60,
             max_attempts: 3,
+            timeout_secs: 3 * 3600,
         }
     }
 }

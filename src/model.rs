@@ -126,6 +126,9 @@ pub enum Outcome {
     /// Something outside the build went wrong (sandbox set-up, the store, a
     /// lost worker). Such tasks are retried up to `build.max_attempts`.
     Infrastructure(String),
+    /// Ran past its wall-clock limit (seconds); the whole sandbox was killed.
+    /// (New variants go last: postcard stores the variant's index.)
+    Timeout(u64),
 }
 
 impl Outcome {
@@ -143,6 +146,7 @@ impl std::fmt::Display for Outcome {
             Outcome::Cancelled => f.write_str("cancelled"),
             Outcome::Outputs(m) => write!(f, "outputs rejected: {m}"),
             Outcome::Infrastructure(m) => write!(f, "infrastructure error: {m}"),
+            Outcome::Timeout(s) => write!(f, "timed out after {s} s"),
         }
     }
 }

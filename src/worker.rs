@@ -256,9 +256,23 @@ async fn execute(
     );
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(rx).map_err(prep("pipe"))?;
     let pump = tokio::spawn(pump_log(reader, log));
-    let ran = sandbox::run(&hub.kiln_exe, &spec, &work, tx, cancel).await;
+    // The wall clock: past the limit the sandbox is cancelled like any
+    // other, and the outcome says why.
+    let limit = hub.config.build.timeout_secs;
+    let run_cancel = cancel.child_token();
+    let timer = {
+        let c = run_cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(limit)).await;
+            c.cancel();
+        })
+    };
+    let ran = sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await;
+    let timed_out = timer.is_finished() && !cancel.is_cancelled();
+    timer.abort();
     let mut log = pump.await.map_err(prep("log pump"))??;
     let outcome = match ran {
+        Ok(sandbox::Outcome::Cancelled) if timed_out => Outcome::Timeout(limit),
         Ok(o) => map_outcome(o),
         Err(e) => Outcome::Infrastructure(e.to_string()),
     };

@@ -240,3 +240,32 @@ mod through_the_hub {
         h.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_sleeps_past_its_timeout_is_killed_and_says_so() {
+    use kiln::model::{BuildState, Outcome as End};
+    let mut h = crate::harness::hub_with(1, |c| c.build.timeout_secs = 2).await;
+    let marker = format!("kiln-timeout-{}", std::process::id());
+    let t0 = std::time::Instant::now();
+    let v = crate::harness::run_script(
+        &h,
+        "sleepy",
+        &format!("setsid sh -c 'sleep 1000; : {marker}' & sh -c 'sleep 1000; : {marker}-main'"),
+        &["*"],
+    )
+    .await;
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+    assert_eq!(v.detail.build.state, BuildState::Failed);
+    assert_eq!(v.detail.task_list[0].outcome, Some(End::Timeout(2)));
+    let log = h.client.log_text(v.detail.build.id).await.unwrap();
+    assert!(log.contains("timed out after 2 s"), "{log}");
+    // Nothing of it survives.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(!ps.contains(&marker), "{ps}");
+    h.stop().await;
+}
