@@ -41,6 +41,7 @@
 //! seccomp, masking of /proc/sys and friends, rlimits, cgroup limits,
 //! timeouts, overlay buildroots.
 
+pub mod cgroup;
 mod harden;
 mod init;
 mod rootfs;
