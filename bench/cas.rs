@@ -6,6 +6,10 @@
 //! /usr/lib (made with `tar`, a whole number of files up to the size), cached
 //! under `target/bench-corpus/`.
 
+#[path = "common.rs"]
+mod common;
+use common::{env_num, target_dir};
+
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,19 +20,6 @@ use kiln::cas::Cas;
 
 /// A named benchmark case.
 type Case<'a> = (&'static str, Box<dyn Fn() + 'a>);
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
 
 /// Paths under `dir` (relative to /) in sorted depth-first order until the
 /// regular files add up to `budget` bytes.

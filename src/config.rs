@@ -63,6 +63,15 @@ pub struct BuildConfig {
     /// Wall-clock limit of one task, in seconds; past it the whole sandbox
     /// is killed and the task ends `timed out`.
     pub timeout_secs: u64,
+    /// Memory limit of one task in bytes (cgroup, swap included where the
+    /// host accounts it); unset = no limit. Hitting it ends the task
+    /// `out of memory`.
+    pub memory_limit_bytes: Option<u64>,
+    /// Most processes/threads one task may run at once; unset = no limit.
+    /// Hitting it ends the task `pid limit reached`.
+    pub pids_limit: Option<u64>,
+    /// CPU time of one task, in cores (e.g. 1.5); unset = no limit.
+    pub cpus: Option<f64>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +95,9 @@ impl Default for BuildConfig {
             lease_secs: 60,
             max_attempts: 3,
             timeout_secs: 3 * 3600,
+            memory_limit_bytes: None,
+            pids_limit: None,
+            cpus: None,
         }
     }
 }

@@ -129,6 +129,10 @@ pub enum Outcome {
     /// Ran past its wall-clock limit (seconds); the whole sandbox was killed.
     /// (New variants go last: postcard stores the variant's index.)
     Timeout(u64),
+    /// The kernel's OOM killer killed a process of the build.
+    OutOfMemory,
+    /// The build hit its pid limit (a fork failed).
+    PidLimit,
 }
 
 impl Outcome {
@@ -147,6 +151,8 @@ impl std::fmt::Display for Outcome {
             Outcome::Outputs(m) => write!(f, "outputs rejected: {m}"),
             Outcome::Infrastructure(m) => write!(f, "infrastructure error: {m}"),
             Outcome::Timeout(s) => write!(f, "timed out after {s} s"),
+            Outcome::OutOfMemory => f.write_str("out of memory"),
+            Outcome::PidLimit => f.write_str("pid limit reached"),
         }
     }
 }

@@ -244,6 +244,15 @@ async fn execute(
         cwd: BUILD_DIR.to_string(),
         hostname: "kiln".to_string(),
         ids: IdMap::for_slot(slot),
+        limits: sandbox::cgroup::Limits {
+            memory_bytes: hub.config.build.memory_limit_bytes,
+            pids: hub.config.build.pids_limit,
+            cpus: hub.config.build.cpus,
+        },
+        cgroup_name: work
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     };
 
     // One pipe carries stdout and stderr interleaved.
@@ -353,6 +362,8 @@ fn map_outcome(o: sandbox::Outcome) -> Outcome {
         sandbox::Outcome::Signaled(s) => Outcome::Signal(s),
         sandbox::Outcome::Cancelled => Outcome::Cancelled,
         sandbox::Outcome::Infra(m) => Outcome::Infrastructure(m),
+        sandbox::Outcome::OutOfMemory => Outcome::OutOfMemory,
+        sandbox::Outcome::PidLimit => Outcome::PidLimit,
     }
 }
 

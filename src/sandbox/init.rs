@@ -125,9 +125,39 @@ mod outer {
         let mut guard = KillOnDrop(Some(child));
 
         write_id_maps(child, &spec.ids, rootless)?;
-        before_release(child, &spec)?;
+        let cgroup = before_release(child, &spec)?;
         nix::unistd::write(&release_w, b"r").ctx(|| "release sandbox pid 1".into())?;
+        let outcome = wait_pid1(child, &mut guard, release_w, report_r)?;
+        Ok(match cgroup {
+            Some(cg) => with_limits(outcome, cg),
+            None => outcome,
+        })
+    }
 
+    /// A limit the build ran into is the reason it ended, whatever its exit
+    /// code: a killed or refused child makes its results unreliable.
+    fn with_limits(outcome: Outcome, cg: super::super::cgroup::TaskCgroup) -> Outcome {
+        let stats = cg.stats();
+        if let Err(e) = cg.remove() {
+            report_line(&SetupError::Other(format!(
+                "removing the task's cgroup: {e}"
+            )));
+        }
+        match (stats, &outcome) {
+            (_, Outcome::Cancelled | Outcome::Infra(_)) => outcome,
+            (Ok(s), _) if s.oom_killed => Outcome::OutOfMemory,
+            (Ok(s), _) if s.pids_limit_hit => Outcome::PidLimit,
+            (Err(e), _) => Outcome::Infra(format!("reading the task's cgroup: {e}")),
+            _ => outcome,
+        }
+    }
+
+    fn wait_pid1(
+        child: Pid,
+        guard: &mut KillOnDrop,
+        release_w: OwnedFd,
+        report_r: OwnedFd,
+    ) -> Result<Outcome, SetupError> {
         let status = loop {
             match waitpid(child, None) {
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -229,10 +259,23 @@ mod outer {
         Ok(())
     }
 
-    /// Seam: cgroup placement and limits go here, while pid 1 is still
-    /// parked on the release pipe and has run nothing of the build.
-    fn before_release(_child: Pid, _spec: &Spec) -> Result<(), SetupError> {
-        Ok(())
+    /// With limits, put pid 1 in a fresh cgroup carrying them, while it is
+    /// still parked on the release pipe and has run nothing of the build.
+    fn before_release(
+        child: Pid,
+        spec: &Spec,
+    ) -> Result<Option<super::super::cgroup::TaskCgroup>, SetupError> {
+        use super::super::cgroup;
+        if spec.limits == cgroup::Limits::default() {
+            return Ok(None);
+        }
+        let cg_err = |e: cgroup::CgroupError| SetupError::Other(format!("cgroup: {e}"));
+        let backend = cgroup::detect().map_err(cg_err)?;
+        let cg = backend
+            .create(&spec.cgroup_name, &spec.limits)
+            .map_err(cg_err)?;
+        cg.add(child.as_raw() as u32).map_err(cg_err)?;
+        Ok(Some(cg))
     }
 }
 
@@ -263,7 +306,9 @@ mod pid1 {
         sys::exit_now(match outcome {
             Outcome::Exited(code) => code,
             Outcome::Signaled(sig) => 128 + sig,
-            Outcome::Cancelled | Outcome::Infra(_) => SETUP_FAILED,
+            Outcome::Cancelled | Outcome::Infra(_) | Outcome::OutOfMemory | Outcome::PidLimit => {
+                SETUP_FAILED
+            }
         })
     }
 

@@ -79,7 +79,7 @@ pub(crate) const HUB_PID_ENV: &str = "KILN_SANDBOX_HUB_PID";
 
 /// Everything the init needs to build and run one sandbox. Written as JSON
 /// into the task's work dir by [`run`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spec {
     /// What `/` is made of.
     pub root: RootSpec,
@@ -97,9 +97,13 @@ pub struct Spec {
     pub hostname: String,
     /// How the build's ids map to the host.
     pub ids: IdMap,
-    // Seam: resource limits (cgroups, rlimits, a wall-clock timeout) arrive
-    // as a `#[serde(default)] limits` field, applied by the init's
-    // `before_release` (cgroups) and `harden` (rlimits) steps.
+    /// cgroup limits; with none set, no cgroup is made (rootless hubs
+    /// without a delegated cgroup still build).
+    #[serde(default)]
+    pub limits: cgroup::Limits,
+    /// Name of the task's cgroup (one path component, unique per run).
+    #[serde(default)]
+    pub cgroup_name: String,
 }
 
 impl Spec {
@@ -185,6 +189,10 @@ pub enum Outcome {
     Cancelled,
     /// The sandbox could not be set up or supervised; the reason.
     Infra(String),
+    /// The kernel's OOM killer killed a process of the build (memory limit).
+    OutOfMemory,
+    /// The build tried to run more processes than its pid limit allows.
+    PidLimit,
 }
 
 impl Outcome {
@@ -204,6 +212,8 @@ impl fmt::Display for Outcome {
             },
             Outcome::Cancelled => f.write_str("cancelled"),
             Outcome::Infra(why) => write!(f, "sandbox failure: {why}"),
+            Outcome::OutOfMemory => f.write_str("out of memory"),
+            Outcome::PidLimit => f.write_str("pid limit reached"),
         }
     }
 }
@@ -434,6 +444,8 @@ mod tests {
             env: Spec::base_env(),
             cwd: "/build".into(),
             hostname: "kiln".into(),
+            limits: Default::default(),
+            cgroup_name: String::new(),
             ids: IdMap {
                 host_uid: SUBID_BASE,
                 host_gid: SUBID_BASE,

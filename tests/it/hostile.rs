@@ -269,3 +269,56 @@ async fn a_build_that_sleeps_past_its_timeout_is_killed_and_says_so() {
     assert!(!ps.contains(&marker), "{ps}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_ends_out_of_memory() {
+    use kiln::model::{BuildState, Outcome as End};
+    let mut h = crate::harness::hub_with(1, |c| c.build.memory_limit_bytes = Some(64 << 20)).await;
+    // sort holds all of its input in memory: 400 MB of it.
+    let v = crate::harness::run_script(
+        &h,
+        "hog",
+        "head -c 400000000 /dev/zero | tr '\\0' x | fold -w 1000 | sort > /dev/null",
+        &["*"],
+    )
+    .await;
+    let log = h.client.log_text(v.detail.build.id).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Failed, "{log}");
+    assert_eq!(
+        v.detail.task_list[0].outcome,
+        Some(End::OutOfMemory),
+        "{log}"
+    );
+    assert!(log.contains("task ended: out of memory"), "{log}");
+    // The host is fine, and the next build on the slot runs normally.
+    let ok = crate::harness::run_script(&h, "after-hog", "echo fine", &["*"]).await;
+    assert_eq!(ok.detail.build.state, BuildState::Succeeded);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_ends_at_the_pid_limit_and_leaves_nothing() {
+    use kiln::model::{BuildState, Outcome as End};
+    let mut h = crate::harness::hub_with(1, |c| c.build.pids_limit = Some(64)).await;
+    let marker = format!("kilnbomb{}", std::process::id());
+    let v = crate::harness::run_script(
+        &h,
+        "bomb",
+        &format!("{marker}() {{ {marker} | {marker} & }}; {marker}; sleep 2"),
+        &["*"],
+    )
+    .await;
+    let log = h.client.log_text(v.detail.build.id).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Failed, "{log}");
+    assert_eq!(v.detail.task_list[0].outcome, Some(End::PidLimit), "{log}");
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    let n = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&marker))
+        .count();
+    assert_eq!(n, 0, "fork bomb processes survived");
+    h.stop().await;
+}

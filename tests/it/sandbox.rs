@@ -51,6 +51,8 @@ impl Task {
             cwd: "/build".into(),
             hostname: "kiln".into(),
             ids: IdMap::for_slot(0),
+            limits: Default::default(),
+            cgroup_name: String::new(),
         }
     }
 
