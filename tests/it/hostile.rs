@@ -322,3 +322,41 @@ async fn a_fork_bomb_ends_at_the_pid_limit_and_leaves_nothing() {
     assert_eq!(n, 0, "fork bomb processes survived");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_processes_cannot_be_signalled() {
+    let me = std::process::id();
+    let (outcome, log, _t) = run_sh(&format!("kill -9 {me} 2>&1; kill -9 -1; echo survived")).await;
+    // kill -1 takes down the build itself (everything in its namespace), never the host.
+    assert!(
+        matches!(outcome, Outcome::Signaled(9) | Outcome::Exited(_)),
+        "{outcome:?}"
+    );
+    assert!(log.contains("No such process"), "{log}");
+    assert!(
+        !log.contains("survived"),
+        "kill -1 did not reach the build itself: {log}"
+    );
+    // We are still here, and so is our parent.
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", std::os::unix::process::parent_id())).exists()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chroot_escape_trick_only_reaches_the_sandbox_root() {
+    // The classic: chroot into a subdir, walk up past it, chroot to ".".
+    let (outcome, log, _t) = run_sh(
+        "mkdir -p /tmp/jail && perl -e 'chroot(\"/tmp/jail\") or die \"chroot: $!\"; \
+         chdir(\"../../../../..\") for 1..3; chroot(\".\") or die \"chroot2: $!\"; \
+         opendir(D, \"/\"); print join(\" \", sort grep { !/^\\./ } readdir(D)), \"\\n\"; \
+         print((-e \"/work\" || -e \"/root\" || -e \"/home\") ? \"HOST\\n\" : \"contained\\n\");'",
+    )
+    .await;
+    assert_eq!(outcome, Outcome::Exited(0), "{log}");
+    assert!(log.contains("contained"), "{log}");
+    assert!(
+        log.contains("build") && log.contains("out"),
+        "walked to the sandbox root: {log}"
+    );
+}
