@@ -92,18 +92,8 @@ pub fn exit_code(state: BuildState) -> i32 {
 }
 
 fn fmt_ms(ms: Option<i64>) -> String {
-    ms.map(|m| {
-        time::OffsetDateTime::from_unix_timestamp(m / 1000)
-            .ok()
-            .and_then(|t| {
-                t.format(time::macros::format_description!(
-                    "[year]-[month]-[day] [hour]:[minute]:[second]"
-                ))
-                .ok()
-            })
-            .unwrap_or_default()
-    })
-    .unwrap_or_else(|| "-".into())
+    ms.map(crate::model::format_ms)
+        .unwrap_or_else(|| "-".into())
 }
 
 pub async fn list(client: &Client, limit: usize) -> anyhow::Result<()> {

@@ -19,6 +19,16 @@ pub const DEFAULT_PROJECT: &str = "default";
 /// system directories, read-only.
 pub const HOST_TARGET: &str = "host";
 
+/// `YYYY-MM-DD hh:mm:ss` (UTC) of a time in Unix milliseconds.
+pub fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second]"
+        ))
+        .unwrap_or_default()
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

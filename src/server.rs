@@ -15,6 +15,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -391,8 +392,6 @@ pub async fn blob_response(hub: &Arc<Hub>, digest: Digest, raw: bool) -> ApiResu
     );
     Ok(resp)
 }
-
-use futures_util::StreamExt as _;
 
 /// Reads a blob on a blocking thread into a channel of chunks.
 pub fn blob_chunks(

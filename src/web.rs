@@ -42,12 +42,7 @@ async fn css() -> Response {
 }
 
 fn fmt_time(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(time::macros::format_description!(
-        "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-    ))
-    .unwrap_or_default()
+    format!("{} UTC", crate::model::format_ms(ms))
 }
 
 fn fmt_duration(start: Option<i64>, end: Option<i64>) -> String {
@@ -194,20 +189,53 @@ fn page_log(hub: &Hub, tasks: &[Task]) -> (String, bool) {
     let mut out = Vec::new();
     let mut truncated = false;
     for t in tasks {
-        let bytes = if t.state.is_finished() {
+        let (tail, cut) = if t.state.is_finished() {
             t.log
-                .and_then(|d| hub.cas.get_bytes(&d).ok())
+                .and_then(|d| hub.cas.open_blob(&d).ok())
+                .and_then(|r| read_tail(r, PAGE_LOG_BYTES as usize).ok())
                 .unwrap_or_default()
         } else if let Some(live) = hub.logs.get(t.id) {
-            std::fs::read(&live.path).unwrap_or_default()
+            std::fs::File::open(&live.path)
+                .and_then(|mut f| {
+                    // A live log is a plain file: start near its end.
+                    let len = f.metadata()?.len();
+                    let start = len.saturating_sub(PAGE_LOG_BYTES);
+                    f.seek(SeekFrom::Start(start))?;
+                    let (tail, _) = read_tail(f, PAGE_LOG_BYTES as usize)?;
+                    Ok((tail, start > 0))
+                })
+                .unwrap_or_default()
         } else {
-            Vec::new()
+            Default::default()
         };
-        let start = bytes.len().saturating_sub(PAGE_LOG_BYTES as usize);
-        truncated |= start > 0;
-        out.extend_from_slice(&bytes[start..]);
+        truncated |= cut;
+        out.extend_from_slice(&tail);
     }
     (String::from_utf8_lossy(&out).into_owned(), truncated)
+}
+
+/// The last `keep` bytes of a stream, and whether anything came before
+/// them; never holds much more than `keep` bytes at once.
+fn read_tail(mut r: impl Read, keep: usize) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut buf = Vec::with_capacity(2 * keep);
+    let mut cut = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 2 * keep {
+            buf.drain(..buf.len() - keep);
+            cut = true;
+        }
+    }
+    if buf.len() > keep {
+        buf.drain(..buf.len() - keep);
+        cut = true;
+    }
+    Ok((buf, cut))
 }
 
 type Chunk = std::io::Result<Bytes>;

@@ -2,7 +2,7 @@
 //! source trees and tar streams, count blobs in the store.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln::client::Client;
 use kiln::config::Config;
@@ -146,4 +146,49 @@ pub async fn run_script(
     let src = script_tree(name, script, outputs);
     let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
     h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap()
+}
+
+/// Host processes whose command line contains `needle` (other than us).
+pub fn host_processes_with(needle: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(format!("{name}: {cmdline}"));
+            }
+        }
+    }
+    found
+}
+
+/// Wait (briefly) until no host process mentions `needle`.
+pub fn assert_no_process_with(needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = host_processes_with(needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes survived the sandbox: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The text of a page (or any GET) at `path` on the hub.
+pub async fn get_text(h: &TestHub, path: &str) -> String {
+    reqwest::get(format!("{}{path}", h.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

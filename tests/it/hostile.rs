@@ -261,12 +261,8 @@ async fn a_build_that_sleeps_past_its_timeout_is_killed_and_says_so() {
     assert!(log.contains("timed out after 2 s"), "{log}");
     // Nothing of it survives.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "args"])
-        .output()
-        .unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    assert!(!ps.contains(&marker), "{ps}");
+    let left = crate::harness::host_processes_with(&marker);
+    assert!(left.is_empty(), "{left:?}");
     h.stop().await;
 }
 
@@ -311,14 +307,7 @@ async fn a_fork_bomb_ends_at_the_pid_limit_and_leaves_nothing() {
     let log = h.client.log_text(v.detail.build.id).await.unwrap();
     assert_eq!(v.detail.build.state, BuildState::Failed, "{log}");
     assert_eq!(v.detail.task_list[0].outcome, Some(End::PidLimit), "{log}");
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "args"])
-        .output()
-        .unwrap();
-    let n = String::from_utf8_lossy(&ps.stdout)
-        .lines()
-        .filter(|l| l.contains(&marker))
-        .count();
+    let n = crate::harness::host_processes_with(&marker).len();
     assert_eq!(n, 0, "fork bomb processes survived");
     h.stop().await;
 }

@@ -61,22 +61,12 @@ async fn c_program_builds_and_its_artifact_runs() {
     assert_eq!(zstd::decode_all(&raw[..]).unwrap(), bytes.to_vec());
 
     // The pages show it.
-    let page = reqwest::get(format!("{}/builds/{}", h.url(), b.id))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&h, &format!("/builds/{}", b.id)).await;
     assert!(
         page.contains("usr/bin/hello") && page.contains("succeeded"),
         "{page}"
     );
-    let index = reqwest::get(format!("{}/", h.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let index = get_text(&h, "/").await;
     assert!(index.contains(&format!("/builds/{}", b.id)), "{index}");
     h.stop().await;
 }
@@ -217,12 +207,7 @@ async fn output_that_looks_like_html_is_escaped_on_the_page() {
     let mut h = hub(1).await;
     let v = run_script(&h, "xss", "echo '<script>alert(1)</script>'", &["*"]).await;
     let b = &v.detail.build;
-    let page = reqwest::get(format!("{}/builds/{}", h.url(), b.id))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&h, &format!("/builds/{}", b.id)).await;
     assert!(
         page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
         "{page}"

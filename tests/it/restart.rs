@@ -87,13 +87,11 @@ async fn kill_9_mid_build_then_restart_finishes_the_build() {
 
     // No sandbox outlives the hub.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout);
-    assert!(
-        !ps.lines()
-            .any(|l| l.contains("__sandbox-init") && l.contains(data.to_str().unwrap())),
-        "a sandbox survived the hub:\n{ps}"
-    );
+    let left: Vec<_> = host_processes_with(data.to_str().unwrap())
+        .into_iter()
+        .filter(|l| l.contains("__sandbox-init"))
+        .collect();
+    assert!(left.is_empty(), "a sandbox survived the hub: {left:?}");
 
     let (mut hub2, url2) = spawn_hub(&data, 1);
     let client = Client::new(&url2, Some(token(&data)));

@@ -17,6 +17,7 @@ use kiln::sandbox::{self, IdMap, Outcome, RootSpec, SandboxError, Spec};
 use tokio_util::sync::CancellationToken;
 
 use super::kiln_exe;
+use crate::harness::{assert_no_process_with, host_processes_with};
 
 /// A task's dirs on the host: build, out and work under one temp dir.
 pub(crate) struct Task {
@@ -148,41 +149,6 @@ pub(crate) async fn run_sh(script: &str) -> (Outcome, String, Task) {
     let task = Task::new();
     let (outcome, log) = run(&task, &task.sh(script)).await;
     (outcome, log, task)
-}
-
-/// Host processes whose command line contains `needle` (other than us).
-fn host_processes_with(needle: &str) -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
-            continue;
-        }
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                found.push(format!("{name}: {cmdline}"));
-            }
-        }
-    }
-    found
-}
-
-/// Wait (briefly) until no host process mentions `needle`.
-fn assert_no_process_with(needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = host_processes_with(needle);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "processes survived the sandbox: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test]
