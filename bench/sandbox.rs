@@ -328,6 +328,7 @@ fn main() {
         ids: IdMap::for_slot(0),
         limits: Default::default(),
         cgroup_name: String::new(),
+        disk_bytes: None,
     };
 
     // Runs `argv` once in `mode` with `build_dir` as the working tree.

@@ -3,6 +3,7 @@
 //! Every field is documented here and in docs/config.md; `kiln check-config`
 //! prints the effective result.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,9 @@ pub enum ConfigError {
 pub struct Config {
     pub server: ServerConfig,
     pub build: BuildConfig,
+    /// Per-target overrides of the `[build]` limits: `[targets.NAME]`.
+    /// A task takes `[build]`'s value for every limit its target leaves out.
+    pub targets: BTreeMap<String, TargetLimits>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -56,6 +60,9 @@ pub struct BuildConfig {
     /// Log bytes kept per task; output past this is dropped (the build goes
     /// on) and a marker line is appended.
     pub log_limit_bytes: u64,
+    /// Output bytes (kept or dropped) past which a runaway task is killed;
+    /// it ends `log limit`.
+    pub output_limit_bytes: u64,
     /// How long a lease lasts without a heartbeat, in seconds.
     pub lease_secs: u64,
     /// Runs of a task lost to infrastructure before it is failed.
@@ -72,6 +79,55 @@ pub struct BuildConfig {
     pub pids_limit: Option<u64>,
     /// CPU time of one task, in cores (e.g. 1.5); unset = no limit.
     pub cpus: Option<f64>,
+    /// Size of the task's writable space in bytes: `/build`, `/out`, `/tmp`
+    /// and `/dev/shm` share one tmpfs of this size (its pages count as the
+    /// task's memory too). Filling it ends the task `disk limit`. Unset:
+    /// `/build` and `/out` are plain dirs on the hub's disk, unlimited.
+    pub disk_limit_bytes: Option<u64>,
+}
+
+/// `[targets.NAME]`: limits for tasks of one target; each overrides the
+/// `[build]` value of the same name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetLimits {
+    pub timeout_secs: Option<u64>,
+    pub log_limit_bytes: Option<u64>,
+    pub output_limit_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub pids_limit: Option<u64>,
+    pub cpus: Option<f64>,
+    pub disk_limit_bytes: Option<u64>,
+}
+
+/// The limits one task runs under, resolved for its target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskLimits {
+    pub timeout_secs: u64,
+    pub log_limit_bytes: u64,
+    pub output_limit_bytes: u64,
+    pub memory_limit_bytes: Option<u64>,
+    pub pids_limit: Option<u64>,
+    pub cpus: Option<f64>,
+    pub disk_limit_bytes: Option<u64>,
+}
+
+impl std::fmt::Display for TaskLimits {
+    /// One line for the task's log: what this task may use.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "timeout {} s, log {} bytes (kill at {}), memory {}, pids {}, cpus {}, disk {}",
+            self.timeout_secs,
+            self.log_limit_bytes,
+            self.output_limit_bytes,
+            opt(self.memory_limit_bytes),
+            opt(self.pids_limit),
+            self.cpus.map_or("none".to_string(), |c| c.to_string()),
+            opt(self.disk_limit_bytes),
+        )
+    }
 }
 
 impl Default for ServerConfig {
@@ -95,9 +151,11 @@ impl Default for BuildConfig {
             lease_secs: 60,
             max_attempts: 3,
             timeout_secs: 3 * 3600,
+            output_limit_bytes: 1 << 30,
             memory_limit_bytes: None,
             pids_limit: None,
             cpus: None,
+            disk_limit_bytes: None,
         }
     }
 }
@@ -123,7 +181,55 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| crate::kinds::describe_toml_error(text, &e))
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| crate::kinds::describe_toml_error(text, &e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Values serde accepts but a task could not run with.
+    fn validate(&self) -> Result<(), String> {
+        let all = std::iter::once((
+            "[build]".to_string(),
+            self.limits_of(&TargetLimits::default()),
+        ))
+        .chain(
+            self.targets
+                .iter()
+                .map(|(name, t)| (format!("[targets.{name}]"), self.limits_of(t))),
+        );
+        for (table, l) in all {
+            if let Some(c) = l.cpus
+                && !(c.is_finite() && c > 0.0)
+            {
+                return Err(format!("{table}: cpus must be a number above 0, got {c}"));
+            }
+            if l.timeout_secs == 0 {
+                return Err(format!("{table}: timeout_secs must be at least 1"));
+            }
+            if l.disk_limit_bytes.is_some_and(|d| d < 1 << 20) {
+                return Err(format!("{table}: disk_limit_bytes must be at least 1 MiB"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits of a task of `target`: `[targets.NAME]` over `[build]`.
+    pub fn limits(&self, target: &str) -> TaskLimits {
+        self.limits_of(self.targets.get(target).unwrap_or(&TargetLimits::default()))
+    }
+
+    fn limits_of(&self, t: &TargetLimits) -> TaskLimits {
+        let b = &self.build;
+        TaskLimits {
+            timeout_secs: t.timeout_secs.unwrap_or(b.timeout_secs),
+            log_limit_bytes: t.log_limit_bytes.unwrap_or(b.log_limit_bytes),
+            output_limit_bytes: t.output_limit_bytes.unwrap_or(b.output_limit_bytes),
+            memory_limit_bytes: t.memory_limit_bytes.or(b.memory_limit_bytes),
+            pids_limit: t.pids_limit.or(b.pids_limit),
+            cpus: t.cpus.or(b.cpus),
+            disk_limit_bytes: t.disk_limit_bytes.or(b.disk_limit_bytes),
+        }
     }
 
     fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -175,6 +281,38 @@ mod tests {
         let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nslotz = 2\n").unwrap_err();
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("slotz"), "{err}");
+    }
+
+    #[test]
+    fn a_target_overrides_build_limits_one_by_one() {
+        let c = Config::parse(
+            "[build]\ntimeout_secs = 100\nmemory_limit_bytes = 1000\n\
+             [targets.big]\nmemory_limit_bytes = 5000\ndisk_limit_bytes = 2097152\n",
+        )
+        .unwrap();
+        let big = c.limits("big");
+        assert_eq!(big.memory_limit_bytes, Some(5000));
+        assert_eq!(big.disk_limit_bytes, Some(2 << 20));
+        assert_eq!(big.timeout_secs, 100, "not overridden: [build]'s value");
+        let other = c.limits("host");
+        assert_eq!(other.memory_limit_bytes, Some(1000));
+        assert_eq!(other.disk_limit_bytes, None);
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn impossible_limits_are_named() {
+        let err = Config::parse("[targets.x]\ncpus = 0.0\n").unwrap_err();
+        assert!(err.contains("[targets.x]") && err.contains("cpus"), "{err}");
+        let err = Config::parse("[build]\ntimeout_secs = 0\n").unwrap_err();
+        assert!(
+            err.contains("[build]") && err.contains("timeout_secs"),
+            "{err}"
+        );
+        let err = Config::parse("[targets.y]\ndisk_limit_bytes = 10\n").unwrap_err();
+        assert!(err.contains("disk_limit_bytes"), "{err}");
+        let err = Config::parse("[targets.y]\nmemory = 10\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("memory"), "{err}");
     }
 
     #[test]

@@ -143,6 +143,10 @@ pub enum Outcome {
     OutOfMemory,
     /// The build hit its pid limit (a fork failed).
     PidLimit,
+    /// The build failed with its writable space (bytes) full.
+    DiskLimit(u64),
+    /// The build wrote more output than this many bytes and was killed.
+    LogLimit(u64),
 }
 
 impl Outcome {
@@ -163,6 +167,8 @@ impl std::fmt::Display for Outcome {
             Outcome::Timeout(s) => write!(f, "timed out after {s} s"),
             Outcome::OutOfMemory => f.write_str("out of memory"),
             Outcome::PidLimit => f.write_str("pid limit reached"),
+            Outcome::DiskLimit(b) => write!(f, "disk limit of {b} bytes reached"),
+            Outcome::LogLimit(b) => write!(f, "log limit: killed after {b} bytes of output"),
         }
     }
 }

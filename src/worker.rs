@@ -214,11 +214,13 @@ async fn execute(
         .join(format!("task-{}-{}", task.id, leased.fence));
     let build_dir = work.join("build");
     let out_dir = work.join("out");
-    let mut log = hub.logs.create(task.id, hub.config.build.log_limit_bytes)?;
+    let limits = hub.config.limits(&task.target);
+    let mut log = hub.logs.create(task.id, limits.log_limit_bytes)?;
     log.note(&format!(
         "build {} ({}/{}), task {} attempt {} on {worker}",
         build.id, build.project, build.package, task.id, task.attempt
     ))?;
+    log.note(&format!("target {}: limits: {limits}", task.target))?;
 
     // Check out the source tree.
     let cas = hub.cas.clone();
@@ -245,10 +247,11 @@ async fn execute(
         hostname: "kiln".to_string(),
         ids: IdMap::for_slot(slot),
         limits: sandbox::cgroup::Limits {
-            memory_bytes: hub.config.build.memory_limit_bytes,
-            pids: hub.config.build.pids_limit,
-            cpus: hub.config.build.cpus,
+            memory_bytes: limits.memory_limit_bytes,
+            pids: limits.pids_limit,
+            cpus: limits.cpus,
         },
+        disk_bytes: limits.disk_limit_bytes,
         cgroup_name: work
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -264,25 +267,30 @@ async fn execute(
         std::os::fd::OwnedFd::from(tx),
     );
     let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(rx).map_err(prep("pipe"))?;
-    let pump = tokio::spawn(pump_log(reader, log));
-    // The wall clock: past the limit the sandbox is cancelled like any
-    // other, and the outcome says why.
-    let limit = hub.config.build.timeout_secs;
+    // The wall clock and the output limit cancel the sandbox like any other
+    // cancel; the outcome says which fired.
     let run_cancel = cancel.child_token();
+    let pump = tokio::spawn(pump_log(
+        reader,
+        log,
+        limits.output_limit_bytes,
+        run_cancel.clone(),
+    ));
     let timer = {
-        let c = run_cancel.clone();
+        let (c, secs) = (run_cancel.clone(), limits.timeout_secs);
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(limit)).await;
+            tokio::time::sleep(Duration::from_secs(secs)).await;
             c.cancel();
         })
     };
     let ran = sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await;
     let timed_out = timer.is_finished() && !cancel.is_cancelled();
     timer.abort();
-    let mut log = pump.await.map_err(prep("log pump"))??;
+    let (mut log, flooded) = pump.await.map_err(prep("log pump"))??;
     let outcome = match ran {
-        Ok(sandbox::Outcome::Cancelled) if timed_out => Outcome::Timeout(limit),
-        Ok(o) => map_outcome(o),
+        Ok(sandbox::Outcome::Cancelled) if flooded => Outcome::LogLimit(limits.output_limit_bytes),
+        Ok(sandbox::Outcome::Cancelled) if timed_out => Outcome::Timeout(limits.timeout_secs),
+        Ok(o) => map_outcome(o, &limits),
         Err(e) => Outcome::Infrastructure(e.to_string()),
     };
 
@@ -341,21 +349,32 @@ async fn execute(
     Ok((end, Some(log)))
 }
 
+/// Copies the build's output into its log until end-of-file. Past `kill_at`
+/// bytes the sandbox is cancelled (the pipe is still drained, so the build
+/// never blocks on it); returns whether that happened.
 async fn pump_log(
     mut reader: tokio::net::unix::pipe::Receiver,
     mut log: LogWriter,
-) -> Result<LogWriter, ExecError> {
+    kill_at: u64,
+    cancel: CancellationToken,
+) -> Result<(LogWriter, bool), ExecError> {
     let mut buf = vec![0u8; 64 * 1024];
+    let (mut total, mut flooded) = (0u64, false);
     loop {
         let n = reader.read(&mut buf).await?;
         if n == 0 {
-            return Ok(log);
+            return Ok((log, flooded));
         }
         log.write(&buf[..n])?;
+        total += n as u64;
+        if total > kill_at && !flooded && !cancel.is_cancelled() {
+            flooded = true;
+            cancel.cancel();
+        }
     }
 }
 
-fn map_outcome(o: sandbox::Outcome) -> Outcome {
+fn map_outcome(o: sandbox::Outcome, limits: &crate::config::TaskLimits) -> Outcome {
     match o {
         sandbox::Outcome::Exited(0) => Outcome::Succeeded,
         sandbox::Outcome::Exited(c) => Outcome::ExitCode(c),
@@ -364,6 +383,9 @@ fn map_outcome(o: sandbox::Outcome) -> Outcome {
         sandbox::Outcome::Infra(m) => Outcome::Infrastructure(m),
         sandbox::Outcome::OutOfMemory => Outcome::OutOfMemory,
         sandbox::Outcome::PidLimit => Outcome::PidLimit,
+        sandbox::Outcome::DiskLimit => {
+            Outcome::DiskLimit(limits.disk_limit_bytes.unwrap_or_default())
+        }
     }
 }
 

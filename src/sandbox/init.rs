@@ -223,10 +223,9 @@ mod outer {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            // The cgroup namespace root is fixed here: a later cgroup issue
-            // must place the outer (or use clone3 CLONE_INTO_CGROUP) first.
-            | CloneFlags::CLONE_NEWCGROUP;
+            | CloneFlags::CLONE_NEWIPC;
+        // No CLONE_NEWCGROUP here: pid 1 unshares it once the outer has
+        // placed it in the task's cgroup, so that cgroup is its root.
         let mut stack = vec![0u8; PID1_STACK];
         let mut ends = Some((release_r, report_w));
         let cb = Box::new(|| -> isize {
@@ -294,7 +293,7 @@ mod pid1 {
     ) -> ! {
         let mut report = File::from(report);
         let outcome = match setup(spec, rootless, release, parent_ends) {
-            Ok(()) => supervise(spec, &report),
+            Ok(host_out) => supervise(spec, &report, host_out),
             Err(e) => {
                 report_line(&e);
                 Outcome::Infra(e.to_string())
@@ -306,18 +305,23 @@ mod pid1 {
         sys::exit_now(match outcome {
             Outcome::Exited(code) => code,
             Outcome::Signaled(sig) => 128 + sig,
-            Outcome::Cancelled | Outcome::Infra(_) | Outcome::OutOfMemory | Outcome::PidLimit => {
-                SETUP_FAILED
-            }
+            Outcome::Cancelled
+            | Outcome::Infra(_)
+            | Outcome::OutOfMemory
+            | Outcome::PidLimit
+            | Outcome::DiskLimit => SETUP_FAILED,
         })
     }
 
+    /// Everything up to the build: ids, namespaces' contents, the root.
+    /// Returns the host out dir when `/out` must be copied back (see
+    /// [`super::super::work`]).
     fn setup(
         spec: &Spec,
         rootless: bool,
         release: OwnedFd,
         parent_ends: [RawFd; 2],
-    ) -> Result<(), SetupError> {
+    ) -> Result<Option<OwnedFd>, SetupError> {
         // First thing: if the outer dies, so do we (and with us the namespace).
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).ctx(|| "prctl PR_SET_PDEATHSIG".into())?;
         for fd in parent_ends {
@@ -351,11 +355,14 @@ mod pid1 {
         }
         drop(release);
 
+        // The outer has put us in the task's cgroup (if any) before release:
+        // that cgroup becomes the root the build sees.
+        nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+            .ctx(|| "unshare cgroup namespace".into())?;
         nix::unistd::sethostname(&spec.hostname)
             .ctx(|| format!("sethostname {}", spec.hostname))?;
         sys::loopback_up().ctx(|| "bring up lo".into())?;
-        super::super::rootfs::assemble(sources, spec)?;
-        Ok(())
+        super::super::rootfs::assemble(sources, spec)
     }
 
     /// Become uid/gid 0 of the new user namespace (the mapped host ids).
@@ -372,7 +379,7 @@ mod pid1 {
 
     /// Fork the build, reap everything until it exits, then kill and reap
     /// whatever is left in the namespace.
-    fn supervise(spec: &Spec, report: &File) -> Outcome {
+    fn supervise(spec: &Spec, report: &File, host_out: Option<OwnedFd>) -> Outcome {
         // SAFETY: single-threaded process; the child only runs our own code up to exec.
         let build = match unsafe { nix::unistd::fork() } {
             Ok(nix::unistd::ForkResult::Child) => super::build::exec(spec, report),
@@ -407,7 +414,31 @@ mod pid1 {
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
         // Reap until ECHILD: nothing is left.
         while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
-        outcome
+        match host_out {
+            Some(out) => finish_work(outcome, &out),
+            None => outcome,
+        }
+    }
+
+    /// With a work tmpfs: a failure on a full disk is the disk limit's; a
+    /// success gets its `/out` copied to the host. Nothing of the build runs
+    /// any more.
+    fn finish_work(outcome: Outcome, host_out: &OwnedFd) -> Outcome {
+        use super::super::{rootfs::fd_path, work};
+        match outcome {
+            Outcome::Exited(0) => match work::copy_tree(Path::new("/out"), &fd_path(host_out)) {
+                Ok(()) => outcome,
+                Err(e) => {
+                    let e = SetupError::Other(format!("copy /out to the host: {e}"));
+                    report_line(&e);
+                    Outcome::Infra(e.to_string())
+                }
+            },
+            Outcome::Exited(_) | Outcome::Signaled(_) if work::is_full(Path::new("/build")) => {
+                Outcome::DiskLimit
+            }
+            other => other,
+        }
     }
 }
 

@@ -46,6 +46,7 @@ mod harden;
 mod init;
 mod rootfs;
 mod sys;
+mod work;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -104,6 +105,12 @@ pub struct Spec {
     /// Name of the task's cgroup (one path component, unique per run).
     #[serde(default)]
     pub cgroup_name: String,
+    /// Size of the writable space in bytes. Set: `/build`, `/out`, `/tmp`
+    /// and `/dev/shm` are parts of one tmpfs of this size; the source is
+    /// copied in and, after a successful build, `/out` is copied back to
+    /// `out_dir`. Unset: `build_dir` and `out_dir` are bound directly.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 impl Spec {
@@ -193,6 +200,8 @@ pub enum Outcome {
     OutOfMemory,
     /// The build tried to run more processes than its pid limit allows.
     PidLimit,
+    /// The build failed with its writable space ([`Spec::disk_bytes`]) full.
+    DiskLimit,
 }
 
 impl Outcome {
@@ -214,6 +223,7 @@ impl fmt::Display for Outcome {
             Outcome::Infra(why) => write!(f, "sandbox failure: {why}"),
             Outcome::OutOfMemory => f.write_str("out of memory"),
             Outcome::PidLimit => f.write_str("pid limit reached"),
+            Outcome::DiskLimit => f.write_str("disk limit reached"),
         }
     }
 }
@@ -446,6 +456,7 @@ mod tests {
             hostname: "kiln".into(),
             limits: Default::default(),
             cgroup_name: String::new(),
+            disk_bytes: Some(1 << 30),
             ids: IdMap {
                 host_uid: SUBID_BASE,
                 host_gid: SUBID_BASE,

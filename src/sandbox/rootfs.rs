@@ -41,6 +41,10 @@ const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"]
 /// tmpfs covers it only inside our private mount namespace and is pivoted away.
 const STAGE: &str = "/tmp";
 
+/// Where the work tmpfs (see [`super::work`]) is mounted in the staged root
+/// while its parts are bound; removed before the build runs.
+const WORK_STAGE: &str = ".kiln-work";
+
 /// A host system dir: bound, or recreated as a symlink.
 enum SystemEntry {
     Dir(&'static str, OwnedFd),
@@ -151,11 +155,12 @@ impl Root {
 
     /// Recursive bind of an fd opened by `open_sources`.
     fn bind(&self, src: &OwnedFd, rel: &str, what: &str) -> Result<(), SetupError> {
-        // The magic link resolves to exactly the object we opened, whatever
-        // the path's permissions are for the ids we run as now.
-        let source = format!("/proc/self/fd/{}", src.as_raw_fd());
+        self.bind_path(&fd_path(src), rel, what)
+    }
+
+    fn bind_path(&self, source: &Path, rel: &str, what: &str) -> Result<(), SetupError> {
         mount(
-            Some(source.as_str()),
+            Some(source),
             &self.at(rel),
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
@@ -165,9 +170,19 @@ impl Root {
     }
 }
 
+/// The magic link of an fd: it resolves to exactly the object we opened,
+/// whatever the path's permissions are for the ids we run as now.
+pub(super) fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// Build the root and pivot into it. Runs in pid 1, as the mapped root, in
 /// the new mount namespace; afterwards the host's tree is gone from view.
-pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
+///
+/// With [`Spec::disk_bytes`] the writable dirs are parts of one size-limited
+/// tmpfs and the source is copied in; the host out dir is then returned,
+/// for pid 1 to copy `/out` into once the build is over.
+pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<Option<OwnedFd>, SetupError> {
     // Nothing we mount may propagate back to the host (or in from it).
     mount(
         None::<&str>,
@@ -199,18 +214,39 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
         }
     }
 
-    root.mkdir("build", 0o755)?;
-    root.bind(&src.build, "build", &spec.build_dir.display().to_string())?;
-    root.mkdir("out", 0o755)?;
-    root.bind(&src.out, "out", &spec.out_dir.display().to_string())?;
+    let work = match spec.disk_bytes {
+        Some(bytes) => {
+            let w = root.mkdir(WORK_STAGE, 0o700)?;
+            super::work::mount_at(&w, bytes)?;
+            super::work::copy_tree(&fd_path(&src.build), &w.join("build"))
+                .ctx(|| format!("copy the source {} into /build", spec.build_dir.display()))?;
+            Some(w)
+        }
+        None => None,
+    };
 
+    root.mkdir("build", 0o755)?;
+    root.mkdir("out", 0o755)?;
     root.mkdir("tmp", 0o1777)?;
-    root.mount_fs(
-        "tmpfs",
-        "tmp",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
-    )?;
+    match &work {
+        Some(w) => {
+            for (part, _, rel) in super::work::PARTS {
+                if rel != "dev/shm" {
+                    root.bind_path(&w.join(part), rel, "the work tmpfs")?;
+                }
+            }
+        }
+        None => {
+            root.bind(&src.build, "build", &spec.build_dir.display().to_string())?;
+            root.bind(&src.out, "out", &spec.out_dir.display().to_string())?;
+            root.mount_fs(
+                "tmpfs",
+                "tmp",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                "mode=1777",
+            )?;
+        }
+    }
     root.mkdir("var", 0o755)?;
     root.symlink("/tmp", "var/tmp")?;
 
@@ -225,8 +261,13 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
         "",
     )?;
 
-    populate_dev(&root, &src.dev)?;
+    populate_dev(&root, &src.dev, work.as_deref())?;
     mask_proc(&root)?;
+    if let Some(w) = &work {
+        // The parts stay mounted through their binds.
+        umount2(w, MntFlags::MNT_DETACH).ctx(|| "detach the work tmpfs stage".into())?;
+        std::fs::remove_dir(w).ctx(|| "remove the work tmpfs stage".into())?;
+    }
 
     // pivot_root(".", ".") stacks the old root on the new one; the detach
     // unmount then drops it, with all host mounts below it.
@@ -235,7 +276,7 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<(), SetupError> {
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detach old root".into())?;
     std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
     make_readonly(Path::new("/"), false).ctx(|| "make / read-only".into())?;
-    Ok(())
+    Ok(work.map(|_| src.out))
 }
 
 /// Kernel knobs under /proc become read-only and kernel internals are
@@ -298,7 +339,11 @@ fn mask_proc(root: &Root) -> Result<(), SetupError> {
 
 /// A tmpfs /dev with host nodes bound in, its own devpts, /dev/shm and the
 /// usual symlinks; read-only once populated.
-fn populate_dev(root: &Root, nodes: &[(&'static str, OwnedFd)]) -> Result<(), SetupError> {
+fn populate_dev(
+    root: &Root,
+    nodes: &[(&'static str, OwnedFd)],
+    work: Option<&Path>,
+) -> Result<(), SetupError> {
     let dev = root.mkdir("dev", 0o755)?;
     root.mount_fs(
         "tmpfs",
@@ -321,12 +366,15 @@ fn populate_dev(root: &Root, nodes: &[(&'static str, OwnedFd)]) -> Result<(), Se
     )?;
     root.symlink("pts/ptmx", "dev/ptmx")?;
     root.mkdir("dev/shm", 0o1777)?;
-    root.mount_fs(
-        "tmpfs",
-        "dev/shm",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
-    )?;
+    match work {
+        Some(w) => root.bind_path(&w.join("shm"), "dev/shm", "the work tmpfs")?,
+        None => root.mount_fs(
+            "tmpfs",
+            "dev/shm",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        )?,
+    }
     for (link, target) in [
         ("dev/fd", "/proc/self/fd"),
         ("dev/stdin", "/proc/self/fd/0"),

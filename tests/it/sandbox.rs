@@ -54,6 +54,7 @@ impl Task {
             ids: IdMap::for_slot(0),
             limits: Default::default(),
             cgroup_name: String::new(),
+            disk_bytes: None,
         }
     }
 
