@@ -22,9 +22,9 @@
 //! - pid 1 stays non-dumpable, and its mm belongs to the host user namespace,
 //!   so the build cannot ptrace it and forge the report.
 //!
-//! Seams for the next issues: `outer::before_release` (cgroup placement and
-//! limits, while pid 1 is still parked), `build::harden` (capabilities,
-//! seccomp, rlimits), `rootfs::open_sources` (overlay buildroots).
+//! Where things plug in: `outer::before_release` (cgroup placement while
+//! pid 1 is still parked), `build::harden` (capabilities, seccomp,
+//! rlimits), `rootfs::open_sources` (overlay buildroots, next).
 
 use std::fs::File;
 use std::io::{Read as _, Write as _};

@@ -12,7 +12,7 @@
 //! ```text
 //! hub (tokio, multi-threaded; never forks to keep running Rust)
 //!  └─ kiln __sandbox-init spec.json result.json   "outer": host namespaces
-//!      └─ pid 1 of new user/mnt/pid/net/uts/ipc/cgroup namespaces  "kiln-init"
+//!      └─ pid 1 of new user/mnt/pid/net/uts/ipc namespaces (+ cgroup ns once placed)  "kiln-init"
 //!          └─ the build (argv of the spec), session leader, no_new_privs
 //! ```
 //!
@@ -36,10 +36,9 @@
 //!   `kiln-sandbox: ...` line in the build log; hub-side failures are
 //!   [`SandboxError`].
 //!
-//! Not yet (later issues, seams marked in `init`): capability dropping
-//! (root inside still holds every capability *within* its user namespace),
-//! seccomp, masking of /proc/sys and friends, rlimits, cgroup limits,
-//! timeouts, overlay buildroots.
+//! Limits (cgroups in [`cgroup`], the disk's tmpfs in `work`) and the
+//! hardening (`harden`) are described in docs/sandbox.md. Seam for the
+//! Debian buildroots issue: a `RootSpec` variant for overlay roots.
 
 pub mod cgroup;
 mod harden;
