@@ -48,7 +48,7 @@ enum Cmd {
     CheckConfig(ServeArgs),
     /// The sandbox's init role (internal).
     #[command(name = "__sandbox-init", hide = true)]
-    SandboxInit { spec: PathBuf, result: PathBuf },
+    SandboxInit { result: PathBuf },
 }
 
 #[derive(Args)]
@@ -133,9 +133,9 @@ enum TokenCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::SandboxInit { spec, result } = &cli.cmd {
+    if let Cmd::SandboxInit { result } = &cli.cmd {
         // Before any thread exists: the init must be single-threaded.
-        return ExitCode::from(kiln::sandbox::init_main(spec, result).clamp(0, 255) as u8);
+        return ExitCode::from(kiln::sandbox::init_main(result).clamp(0, 255) as u8);
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,4 +1,4 @@
-//! The `kiln __sandbox-init <spec.json> <result.json>` role: a fresh,
+//! The `kiln __sandbox-init <result.json>` role (the spec comes on stdin): a fresh,
 //! single-threaded process (spawned by [`super::run`]) that builds one
 //! sandbox, supervises it and writes its [`Outcome`].
 //!
@@ -53,11 +53,11 @@ const PID1_STACK: usize = 8 << 20;
 /// result could be written.
 ///
 /// Must run before any thread is started in this process.
-pub fn init_main(spec_path: &Path, result_path: &Path) -> i32 {
+pub fn init_main(result_path: &Path) -> i32 {
     // Drop anything the hub leaked to us; nothing of ours is open yet.
     let _ = sys::close_from(3, false);
 
-    let (outcome, code) = match outer::run(spec_path) {
+    let (outcome, code) = match outer::run() {
         Ok(outcome) => (outcome, 0),
         Err(e) => {
             report_line(&e);
@@ -108,9 +108,9 @@ impl Drop for KillOnDrop {
 mod outer {
     use super::*;
 
-    pub(super) fn run(spec_path: &Path) -> Result<Outcome, SetupError> {
+    pub(super) fn run() -> Result<Outcome, SetupError> {
         die_with_hub()?;
-        let spec = load_spec(spec_path)?;
+        let spec = load_spec()?;
         let rootless = !nix::unistd::geteuid().is_root();
 
         let (release_r, release_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
@@ -205,10 +205,18 @@ mod outer {
         Ok(())
     }
 
-    fn load_spec(path: &Path) -> Result<Spec, SetupError> {
-        let bytes = std::fs::read(path).ctx(|| format!("read {}", path.display()))?;
+    /// The spec is JSON on stdin (a pipe the hub filled and closed); stdin
+    /// then becomes /dev/null, which the build inherits.
+    fn load_spec() -> Result<Spec, SetupError> {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .ctx(|| "read the spec from stdin".into())?;
+        let null = File::open("/dev/null").ctx(|| "open /dev/null".into())?;
+        nix::unistd::dup2_stdin(&null).ctx(|| "dup2 /dev/null to stdin".into())?;
         serde_json::from_slice(&bytes)
-            .map_err(|e| SetupError::Other(format!("parse {}: {e}", path.display())))
+            .map_err(|e| SetupError::Other(format!("parse the spec on stdin: {e}")))
     }
 
     fn clone_pid1(

@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! hub (tokio, multi-threaded; never forks to keep running Rust)
-//!  └─ kiln __sandbox-init spec.json result.json   "outer": host namespaces
+//!  └─ kiln __sandbox-init result.json (spec on stdin)   "outer": host namespaces
 //!      └─ pid 1 of new user/mnt/pid/net/uts/ipc namespaces (+ cgroup ns once placed)  "kiln-init"
 //!          └─ the build (argv of the spec), session leader, no_new_privs
 //! ```
@@ -58,7 +58,8 @@ use tokio_util::sync::CancellationToken;
 pub use harden::{DENIED_SYSCALLS, KEEP_CAPS};
 pub use init::init_main;
 
-/// The hidden `argv[1]` that selects the init role: `kiln __sandbox-init <spec.json> <result.json>`.
+/// The hidden `argv[1]` that selects the init role: `kiln __sandbox-init <result.json>`,
+/// with the [`Spec`] as JSON on stdin.
 pub const INIT_ROLE: &str = "__sandbox-init";
 
 /// First host uid/gid of kiln's subordinate id range (used when the hub runs as root).
@@ -69,16 +70,15 @@ pub const SUBID_BASE: u32 = 1_000_000_000;
 /// Number of ids mapped into one sandbox when the hub runs as root.
 pub const SUBID_COUNT: u32 = 65_536;
 
-/// File names `run` uses inside the task's work dir.
-pub const SPEC_FILE: &str = "spec.json";
+/// File name `run` uses inside the task's work dir for the init's result.
 pub const RESULT_FILE: &str = "result.json";
 
 /// Set by `run` on the init process: the hub's pid, so the init can tell
 /// whether the hub died before PDEATHSIG was armed.
 pub(crate) const HUB_PID_ENV: &str = "KILN_SANDBOX_HUB_PID";
 
-/// Everything the init needs to build and run one sandbox. Written as JSON
-/// into the task's work dir by [`run`].
+/// Everything the init needs to build and run one sandbox. [`run`] hands it
+/// to the init as JSON on a pipe (its stdin): no file to write per task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spec {
     /// What `/` is made of.
@@ -260,10 +260,10 @@ pub enum SandboxError {
 
 /// Run one task in a fresh sandbox and return how it ended.
 ///
-/// Writes `spec.json` into `work_dir` (created if missing), hands
-/// `build_dir`/`out_dir` to the mapped root (as root: recursive lchown to
-/// `spec.ids`), spawns `exe __sandbox-init` with stdin `/dev/null` and
-/// stdout+stderr both `log`, waits, and reads `result.json`.
+/// Creates `work_dir` if missing, hands `build_dir`/`out_dir` to the mapped
+/// root (as root: recursive lchown to `spec.ids`), spawns `exe
+/// __sandbox-init` with the spec as JSON on its stdin and stdout+stderr
+/// both `log`, waits, and reads `result.json` from `work_dir`.
 ///
 /// On `cancel` the init is SIGKILLed, which takes the whole sandbox down
 /// (PDEATHSIG of pid 1, then the pid namespace); `Cancelled` is returned once
@@ -281,36 +281,30 @@ pub async fn run(
     log: OwnedFd,
     cancel: CancellationToken,
 ) -> Result<Outcome, SandboxError> {
-    let spec_path = work_dir.join(SPEC_FILE);
     let result_path = work_dir.join(RESULT_FILE);
 
     {
-        let (spec, work_dir, spec_path, result_path) = (
-            spec.clone(),
-            work_dir.to_owned(),
-            spec_path.clone(),
-            result_path.clone(),
-        );
-        tokio::task::spawn_blocking(move || prepare(&spec, &work_dir, &spec_path, &result_path))
+        let (spec, work_dir, result_path) =
+            (spec.clone(), work_dir.to_owned(), result_path.clone());
+        tokio::task::spawn_blocking(move || prepare(&spec, &work_dir, &result_path))
             .await
             .map_err(|e| SandboxError::Prepare {
                 what: "preparation task".into(),
                 source: e.into(),
             })??;
     }
-
+    let spec_in = spec_pipe(spec)?;
     let log_out = log.try_clone().map_err(|source| SandboxError::Prepare {
         what: "duplicating the log fd".into(),
         source,
     })?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg(INIT_ROLE)
-        .arg(&spec_path)
         .arg(&result_path)
         // The init needs no environment; the build gets exactly spec.env.
         .env_clear()
         .env(HUB_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(spec_in))
         .stdout(Stdio::from(log_out))
         .stderr(Stdio::from(log))
         .kill_on_drop(true);
@@ -332,7 +326,8 @@ pub async fn run(
         }
     };
 
-    let bytes = match tokio::fs::read(&result_path).await {
+    // A few bytes in a file just written: not worth a blocking-pool hop.
+    let bytes = match std::fs::read(&result_path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(SandboxError::ResultMissing {
@@ -353,16 +348,30 @@ pub async fn run(
     })
 }
 
-/// Blocking part of `run`: spec file, stale result, ownership.
-fn prepare(
-    spec: &Spec,
-    work_dir: &Path,
-    spec_path: &Path,
-    result_path: &Path,
-) -> Result<(), SandboxError> {
+/// The spec as JSON in a pipe, written and closed: the read end becomes
+/// the init's stdin. The pipe is grown to hold it all (the kernel allows up
+/// to /proc/sys/fs/pipe-max-size, 1 MiB by default), so nothing blocks.
+fn spec_pipe(spec: &Spec) -> Result<OwnedFd, SandboxError> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| SandboxError::Prepare { what, source }
+    };
+    let json = serde_json::to_vec(spec).expect("Spec serialises");
+    let (r, mut w) = std::io::pipe().map_err(io("spec pipe"))?;
+    if json.len() > 60 << 10 {
+        nix::fcntl::fcntl(
+            &w,
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(json.len() as i32 + 4096),
+        )
+        .map_err(|e| io("growing the spec pipe")(e.into()))?;
+    }
+    w.write_all(&json).map_err(io("writing the spec pipe"))?;
+    Ok(r.into())
+}
 
+/// Blocking part of `run`: work dir, stale result, ownership.
+fn prepare(spec: &Spec, work_dir: &Path, result_path: &Path) -> Result<(), SandboxError> {
     let io = |what: String| move |source| SandboxError::Prepare { what, source };
     std::fs::create_dir_all(work_dir).map_err(io(format!("creating {}", work_dir.display())))?;
     // Never read a result left by an earlier attempt.
@@ -371,17 +380,6 @@ fn prepare(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(format!("removing stale {}", result_path.display()))(e)),
     }
-    let json = serde_json::to_vec_pretty(spec).expect("Spec serialises");
-    // 0600: the spec carries the build's environment.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(spec_path)
-        .map_err(io(format!("writing {}", spec_path.display())))?;
-    f.write_all(&json)
-        .map_err(io(format!("writing {}", spec_path.display())))?;
 
     // Root inside must own the dirs it writes; as an ordinary user we cannot
     // chown, and the dirs already belong to the one mapped uid.

@@ -435,7 +435,10 @@ async fn killing_the_outer_init_takes_the_sandbox_down() {
 
     // The outer is our child; pid 1 carries the same command line but another parent.
     let me = std::process::id();
-    let needle = format!("__sandbox-init {}", task.work.join("spec.json").display());
+    let needle = format!(
+        "__sandbox-init {}",
+        task.work.join(sandbox::RESULT_FILE).display()
+    );
     let outer: Vec<i32> = host_processes_with(&needle)
         .iter()
         .filter_map(|p| p.split(':').next()?.parse().ok())
@@ -473,7 +476,7 @@ fn killing_the_hub_takes_the_sandbox_down() {
     let spec = task.sh(&format!(
         "( setsid sleep {sleep} & ); echo started; sleep {sleep}"
     ));
-    let spec_path = task.work.join(sandbox::SPEC_FILE);
+    let spec_path = task.work.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
     if nix::unistd::geteuid().is_root() {
         for dir in [&task.build, &task.out] {
@@ -483,7 +486,7 @@ fn killing_the_hub_takes_the_sandbox_down() {
     }
     let (mut log, fd) = Log::pipe();
     let mut hub = std::process::Command::new("/bin/sh")
-        .args(["-c", "\"$0\" __sandbox-init \"$1\" \"$2\" & wait"])
+        .args(["-c", "\"$0\" __sandbox-init \"$2\" < \"$1\" & wait"])
         .arg(kiln_exe())
         .arg(&spec_path)
         .arg(task.work.join(sandbox::RESULT_FILE))
@@ -565,7 +568,7 @@ async fn rootless_init_maps_root_to_the_calling_user() {
     }
     const NOBODY: u32 = 65534;
     let task = Task::new();
-    // nobody must reach the work dir, spec and binary.
+    // nobody must reach the work dir and the binary.
     std::fs::set_permissions(
         task.tmp.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
@@ -576,9 +579,8 @@ async fn rootless_init_maps_root_to_the_calling_user() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\n# argv: __sandbox-init SPEC RESULT; the spec is root's 0600 file\n\
+            "#!/bin/sh\n# argv: __sandbox-init RESULT, the spec on stdin\n\
              [ \"$1\" = probe ] && exit 0\n\
-             /bin/chown {NOBODY}:{NOBODY} \"$2\" || exit 1\n\
              exec /usr/bin/setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups {} \"$@\"\n",
             kiln_exe().display()
         ),
