@@ -112,6 +112,14 @@ mod outer {
         die_with_hub()?;
         let spec = load_spec()?;
         let rootless = !nix::unistd::geteuid().is_root();
+        // Root inside must own the dirs it writes; a rootless outer cannot
+        // chown, and its dirs already belong to the one mapped uid.
+        if !rootless {
+            for dir in [&spec.build_dir, &spec.out_dir] {
+                chown_tree(dir, spec.ids.host_uid, spec.ids.host_gid)
+                    .ctx(|| format!("chown -R {} {}", spec.ids.host_uid, dir.display()))?;
+            }
+        }
 
         let (release_r, release_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
         let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
@@ -201,6 +209,21 @@ mod outer {
             return Err(SetupError::Other(format!(
                 "hub (pid {hub}) exited before the sandbox started"
             )));
+        }
+        Ok(())
+    }
+
+    /// Recursive lchown that never follows symlinks.
+    fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                chown_tree(&entry?.path(), uid, gid)?;
+            }
         }
         Ok(())
     }

@@ -260,10 +260,10 @@ pub enum SandboxError {
 
 /// Run one task in a fresh sandbox and return how it ended.
 ///
-/// Creates `work_dir` if missing, hands `build_dir`/`out_dir` to the mapped
-/// root (as root: recursive lchown to `spec.ids`), spawns `exe
-/// __sandbox-init` with the spec as JSON on its stdin and stdout+stderr
-/// both `log`, waits, and reads `result.json` from `work_dir`.
+/// Creates `work_dir` if missing, spawns `exe __sandbox-init` with the spec
+/// as JSON on its stdin and stdout+stderr both `log`, waits, and reads
+/// `result.json` from `work_dir`. (The init hands `build_dir`/`out_dir` to
+/// the mapped root.)
 ///
 /// On `cancel` the init is SIGKILLed, which takes the whole sandbox down
 /// (PDEATHSIG of pid 1, then the pid namespace); `Cancelled` is returned once
@@ -283,16 +283,8 @@ pub async fn run(
 ) -> Result<Outcome, SandboxError> {
     let result_path = work_dir.join(RESULT_FILE);
 
-    {
-        let (spec, work_dir, result_path) =
-            (spec.clone(), work_dir.to_owned(), result_path.clone());
-        tokio::task::spawn_blocking(move || prepare(&spec, &work_dir, &result_path))
-            .await
-            .map_err(|e| SandboxError::Prepare {
-                what: "preparation task".into(),
-                source: e.into(),
-            })??;
-    }
+    // Two cheap metadata calls: not worth a blocking-pool hop on the spawn path.
+    prepare(work_dir, &result_path)?;
     let spec_in = spec_pipe(spec)?;
     let log_out = log.try_clone().map_err(|source| SandboxError::Prepare {
         what: "duplicating the log fd".into(),
@@ -370,44 +362,15 @@ fn spec_pipe(spec: &Spec) -> Result<OwnedFd, SandboxError> {
     Ok(r.into())
 }
 
-/// Blocking part of `run`: work dir, stale result, ownership.
-fn prepare(spec: &Spec, work_dir: &Path, result_path: &Path) -> Result<(), SandboxError> {
+/// Work dir, and no stale result (never read one from an earlier attempt).
+fn prepare(work_dir: &Path, result_path: &Path) -> Result<(), SandboxError> {
     let io = |what: String| move |source| SandboxError::Prepare { what, source };
     std::fs::create_dir_all(work_dir).map_err(io(format!("creating {}", work_dir.display())))?;
-    // Never read a result left by an earlier attempt.
     match std::fs::remove_file(result_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(format!("removing stale {}", result_path.display()))(e)),
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing stale {}", result_path.display()))(e)),
     }
-
-    // Root inside must own the dirs it writes; as an ordinary user we cannot
-    // chown, and the dirs already belong to the one mapped uid.
-    if nix::unistd::geteuid().is_root() {
-        for dir in [&spec.build_dir, &spec.out_dir] {
-            chown_tree(dir, spec.ids.host_uid, spec.ids.host_gid).map_err(io(format!(
-                "chown -R {} {}",
-                spec.ids.host_uid,
-                dir.display()
-            )))?;
-        }
-    }
-    Ok(())
-}
-
-/// Recursive lchown that never follows symlinks.
-fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.uid() != uid || meta.gid() != gid {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    }
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), uid, gid)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -574,7 +574,10 @@ async fn rootless_init_maps_root_to_the_calling_user() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    std::os::unix::fs::chown(&task.work, Some(NOBODY), Some(NOBODY)).unwrap();
+    // As under a rootless hub, the task's dirs belong to the hub's user.
+    for dir in [&task.work, &task.build, &task.out] {
+        std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
     let wrapper = task.tmp.path().join("as-nobody");
     std::fs::write(
         &wrapper,
