@@ -46,9 +46,6 @@ enum Cmd {
     Token(TokenCmd),
     /// Print the effective configuration (file, environment, defaults).
     CheckConfig(ServeArgs),
-    /// The sandbox's init role (internal).
-    #[command(name = "__sandbox-init", hide = true)]
-    SandboxInit { result: PathBuf },
 }
 
 #[derive(Args)]
@@ -132,11 +129,22 @@ enum TokenCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Cmd::SandboxInit { result } = &cli.cmd {
-        // Before any thread exists: the init must be single-threaded.
-        return ExitCode::from(kiln::sandbox::init_main(result).clamp(0, 255) as u8);
+    // The sandbox init role first, before any thread exists (it must be
+    // single-threaded) and without building clap's command tree: it is on
+    // the path of every task's start.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == kiln::sandbox::INIT_ROLE) {
+        let (Some(result), None) = (args.next(), args.next()) else {
+            eprintln!(
+                "usage: kiln {} RESULT (spec on stdin)",
+                kiln::sandbox::INIT_ROLE
+            );
+            return ExitCode::from(2);
+        };
+        let code = kiln::sandbox::init_main(std::path::Path::new(&result));
+        return ExitCode::from(code.clamp(0, 255) as u8);
     }
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
@@ -179,7 +187,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match &cli.cmd {
         Cmd::Serve(a) => kiln::cli::serve(load_config(cli.config.as_ref(), a)?).await?,
         Cmd::CheckConfig(a) => kiln::cli::check_config(&load_config(cli.config.as_ref(), a)?),
-        Cmd::SandboxInit { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Build(b) => match (&b.cmd, &b.dir) {
             (None, Some(dir)) => return kiln::cli::build_local(dir, &b.out, b.data.clone()).await,
             (None, None) => {
