@@ -329,6 +329,9 @@ fn main() {
         limits: Default::default(),
         cgroup_name: String::new(),
         disk_bytes: None,
+        network: Default::default(),
+        setup: None,
+        binds: vec![],
     };
 
     // Runs `argv` once in `mode` with `build_dir` as the working tree.

@@ -241,6 +241,7 @@ pub async fn build_local(dir: &Path, out: &Path, data: Option<PathBuf>) -> anyho
             project: crate::model::DEFAULT_PROJECT.into(),
             package,
             submitted_by: "local".into(),
+            targets: vec![],
         };
         Ok(crate::scheduler::submit(&h, sub, pending?)?)
     })

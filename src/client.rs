@@ -10,8 +10,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cas::Digest;
-use crate::model::{Artifact, Build};
-use crate::server::{BuildView, ErrorBody, Health, TokenCreated, TokenRequest};
+use crate::model::{Artifact, Build, Target};
+use crate::server::{
+    BuildView, ErrorBody, Health, RepoView, TargetRequest, TokenCreated, TokenRequest,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -111,12 +113,26 @@ impl Client {
         package: Option<&str>,
         body: reqwest::Body,
     ) -> Result<Build> {
+        self.submit_tar_to(project, package, &[], body).await
+    }
+
+    /// Submits a tar for the given targets of the project (none: `host`).
+    pub async fn submit_tar_to(
+        &self,
+        project: Option<&str>,
+        package: Option<&str>,
+        targets: &[&str],
+        body: reqwest::Body,
+    ) -> Result<Build> {
         let mut q = Vec::new();
         if let Some(p) = project {
-            q.push(("project", p));
+            q.push(("project", p.to_string()));
         }
         if let Some(p) = package {
-            q.push(("package", p));
+            q.push(("package", p.to_string()));
+        }
+        if !targets.is_empty() {
+            q.push(("targets", targets.join(",")));
         }
         let rb = self
             .req(reqwest::Method::POST, "/api/v1/builds")
@@ -134,6 +150,17 @@ impl Client {
         project: Option<&str>,
         package: Option<&str>,
     ) -> Result<Build> {
+        self.submit_dir_to(dir, project, package, &[]).await
+    }
+
+    /// [`Client::submit_dir`] for the given targets of the project.
+    pub async fn submit_dir_to(
+        &self,
+        dir: &Path,
+        project: Option<&str>,
+        package: Option<&str>,
+        targets: &[&str],
+    ) -> Result<Build> {
         let meta = std::fs::metadata(dir).map_err(|e| {
             ClientError::Io(std::io::Error::new(
                 e.kind(),
@@ -149,7 +176,34 @@ impl Client {
         let default_name = dir_name(dir);
         let package = package.or(default_name.as_deref());
         let body = reqwest::Body::wrap_stream(tar_stream(dir.to_owned()));
-        self.submit_tar(project, package, body).await
+        self.submit_tar_to(project, package, targets, body).await
+    }
+
+    /// Adds a target to a project (its repo and signing key come with it).
+    pub async fn add_target(&self, project: &str, req: &TargetRequest) -> Result<Target> {
+        let rb = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/v1/projects/{project}/targets"),
+            )
+            .json(req);
+        self.json(rb).await
+    }
+
+    pub async fn targets(&self, project: &str) -> Result<Vec<Target>> {
+        let rb = self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/projects/{project}/targets"),
+        );
+        self.json(rb).await
+    }
+
+    pub async fn repo(&self, project: &str, repo: &str) -> Result<RepoView> {
+        let rb = self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/projects/{project}/repos/{repo}"),
+        );
+        self.json(rb).await
     }
 
     pub async fn list_builds(&self, before: Option<u64>, limit: usize) -> Result<Vec<Build>> {

@@ -16,7 +16,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::cas::Digest;
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, Lease, Outcome, Package, PackageKind,
-    Project, Task, TaskId, Token, now_ms,
+    Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token, now_ms,
 };
 
 /// Bumped whenever a stored type changes shape; `Db::open` refuses files from
@@ -33,6 +33,16 @@ const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const QUEUE: TableDefinition<u64, u64> = TableDefinition::new("queue");
 const ARTIFACTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("artifacts");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+/// (project, target name) → Target.
+const TARGETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("targets");
+/// (project, repo name) → Repo.
+const REPOS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("repos");
+/// (project, repo, "package/arch") → RepoDeb: the repo's packages.
+const REPO_DEBS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_debs");
+/// (project, repo, path) → RepoFileRef: what `/repos/<project>/<repo>/<path>` serves.
+const REPO_FILES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_files");
+/// project → its OpenPGP signing key (armored secret key).
+const PROJECT_KEYS: TableDefinition<&str, &str> = TableDefinition::new("project_keys");
 
 const K_SCHEMA: &str = "schema_version";
 const K_NEXT_BUILD: &str = "next_build";
@@ -62,6 +72,10 @@ pub enum DbError {
     },
     #[error("project {0:?} not found")]
     ProjectNotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0} not found")]
+    NotFound(String),
 }
 
 macro_rules! from_redb {
@@ -126,6 +140,8 @@ pub struct TaskEnd {
     pub log: Option<Digest>,
     pub outputs: Option<Digest>,
     pub artifacts: Vec<Artifact>,
+    /// Packages to put into a repo, (project, repo), if the task succeeded.
+    pub publish: Option<(String, String, Vec<RepoDeb>)>,
 }
 
 pub struct Db {
@@ -155,6 +171,11 @@ impl Db {
             tx.open_table(QUEUE)?;
             tx.open_table(ARTIFACTS)?;
             tx.open_table(TOKENS)?;
+            tx.open_table(TARGETS)?;
+            tx.open_table(REPOS)?;
+            tx.open_table(REPO_DEBS)?;
+            tx.open_table(REPO_FILES)?;
+            tx.open_table(PROJECT_KEYS)?;
         }
         tx.commit()?;
         Ok(Db { db })
@@ -452,6 +473,13 @@ impl Db {
                 for a in &end.artifacts {
                     arts.insert((a.build, a.path.as_str()), enc(a).as_slice())?;
                 }
+                // The repo's membership changes with the task's end, in this
+                // transaction; the publisher derives the served files later.
+                if let (BuildState::Succeeded, Some((project, repo, debs))) =
+                    (t.state, &end.publish)
+                {
+                    add_repo_debs(&tx, project, repo, debs)?;
+                }
                 let mut builds = tx.open_table(BUILDS)?;
                 let mut b: Build =
                     get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
@@ -476,6 +504,149 @@ impl Db {
         };
         tx.commit()?;
         Ok(build)
+    }
+
+    // ---- targets, repos, keys ----
+
+    /// Adds a target, creating its project, its repo (or adding the arch to
+    /// the repo's list) and storing `key` as the project's signing key if it
+    /// has none yet. One transaction.
+    pub fn add_target(&self, target: &Target, key: &str) -> Result<Repo> {
+        let now = now_ms();
+        let tx = self.db.begin_write()?;
+        let repo = {
+            let p = target.project.as_str();
+            let mut projects = tx.open_table(PROJECTS)?;
+            if projects.get(p)?.is_none() {
+                let proj = Project {
+                    name: p.to_string(),
+                    created: now,
+                };
+                projects.insert(p, enc(&proj).as_slice())?;
+            }
+            let mut targets = tx.open_table(TARGETS)?;
+            if targets.get((p, target.name.as_str()))?.is_some() {
+                return Err(DbError::Exists(format!("target {p}/{}", target.name)));
+            }
+            targets.insert((p, target.name.as_str()), enc(target).as_slice())?;
+            let mut repos = tx.open_table(REPOS)?;
+            let mut repo: Repo =
+                get_rec(&repos, (p, target.repo.as_str()))?.unwrap_or_else(|| Repo {
+                    project: p.to_string(),
+                    name: target.repo.clone(),
+                    architectures: vec![],
+                    created: now,
+                    // Revision 1 unpublished: even an empty repo gets its
+                    // signed Release at once.
+                    revision: 1,
+                    published_revision: 0,
+                    published: None,
+                });
+            if !repo.architectures.contains(&target.arch) && target.arch != "all" {
+                repo.architectures.push(target.arch.clone());
+                repo.architectures.sort();
+                repo.revision += 1;
+            }
+            repos.insert((p, target.repo.as_str()), enc(&repo).as_slice())?;
+            let mut keys = tx.open_table(PROJECT_KEYS)?;
+            if keys.get(p)?.is_none() {
+                keys.insert(p, key)?;
+            }
+            repo
+        };
+        tx.commit()?;
+        Ok(repo)
+    }
+
+    pub fn targets(&self, project: &str) -> Result<Vec<Target>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(TARGETS)?;
+        let mut out = Vec::new();
+        for row in t.range((project, "")..)? {
+            let (k, v) = row?;
+            if k.value().0 != project {
+                break;
+            }
+            out.push(dec(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn target(&self, project: &str, name: &str) -> Result<Option<Target>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(TARGETS)?, (project, name))
+    }
+
+    pub fn repo(&self, project: &str, name: &str) -> Result<Option<Repo>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(REPOS)?, (project, name))
+    }
+
+    /// Every repo of every project (small: a few per project).
+    pub fn all_repos(&self) -> Result<Vec<Repo>> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(REPOS)?.iter()? {
+            out.push(dec(row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn repo_debs(&self, project: &str, repo: &str) -> Result<Vec<RepoDeb>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(REPO_DEBS)?;
+        let mut out = Vec::new();
+        for row in t.range((project, repo, "")..)? {
+            let (k, v) = row?;
+            let (kp, kr, _) = k.value();
+            if kp != project || kr != repo {
+                break;
+            }
+            out.push(dec(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn project_key(&self, project: &str) -> Result<Option<String>> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(PROJECT_KEYS)?
+            .get(project)?
+            .map(|g| g.value().to_string()))
+    }
+
+    pub fn repo_file(&self, project: &str, repo: &str, path: &str) -> Result<Option<RepoFileRef>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(REPO_FILES)?, (project, repo, path))
+    }
+
+    /// Switches what a repo serves: every file in `files` (by-hash objects,
+    /// indexes, pool entries, and the signed Release files) in one
+    /// transaction, marking `revision` published. Files of earlier publishes
+    /// stay (clients mid-update may still ask for them by hash).
+    pub fn record_publish(
+        &self,
+        project: &str,
+        repo: &str,
+        revision: u64,
+        files: &[(String, RepoFileRef)],
+    ) -> Result<Repo> {
+        let tx = self.db.begin_write()?;
+        let r = {
+            let mut repos = tx.open_table(REPOS)?;
+            let mut r: Repo = get_rec(&repos, (project, repo))?
+                .ok_or_else(|| DbError::NotFound(format!("repo {project}/{repo}")))?;
+            let mut t = tx.open_table(REPO_FILES)?;
+            for (path, f) in files {
+                t.insert((project, repo, path.as_str()), enc(f).as_slice())?;
+            }
+            r.published_revision = r.published_revision.max(revision);
+            r.published = Some(now_ms());
+            repos.insert((project, repo), enc(&r).as_slice())?;
+            r
+        };
+        tx.commit()?;
+        Ok(r)
     }
 
     /// After a restart: every task still marked running was interrupted (its
@@ -520,6 +691,27 @@ fn check_fence(t: &Task, fence: u64) -> Result<()> {
             current,
         });
     }
+    Ok(())
+}
+
+/// Puts `debs` into a repo (newest build of each package/arch wins) and
+/// bumps its revision, inside the caller's transaction.
+fn add_repo_debs(
+    tx: &redb::WriteTransaction,
+    project: &str,
+    repo: &str,
+    debs: &[RepoDeb],
+) -> Result<()> {
+    let mut repos = tx.open_table(REPOS)?;
+    let mut r: Repo = get_rec(&repos, (project, repo))?
+        .ok_or_else(|| DbError::NotFound(format!("repo {project}/{repo}")))?;
+    let mut t = tx.open_table(REPO_DEBS)?;
+    for d in debs {
+        let key = format!("{}/{}", d.package, d.arch);
+        t.insert((project, repo, key.as_str()), enc(d).as_slice())?;
+    }
+    r.revision += 1;
+    repos.insert((project, repo), enc(&r).as_slice())?;
     Ok(())
 }
 
@@ -599,6 +791,7 @@ mod tests {
             log: None,
             outputs: None,
             artifacts: vec![],
+            publish: None,
         };
         let stale = db.finish_task(l.task.id, l.fence, end(Outcome::Succeeded), 3);
         assert!(matches!(stale, Err(DbError::StaleLease { .. })));
@@ -621,6 +814,7 @@ mod tests {
                 log: None,
                 outputs: None,
                 artifacts: vec![],
+                publish: None,
             };
             let after = db.finish_task(l.task.id, l.fence, end, 2).unwrap();
             let expect = if attempt < 2 {

@@ -56,6 +56,8 @@ pub struct Hub {
     /// Cancelled when the hub shuts down: slots stop, sandboxes are killed
     /// and their tasks stay `running`, to be re-queued at the next start.
     pub shutdown: CancellationToken,
+    /// One publish per repo at a time, and each repo's index cache.
+    pub publisher: crate::repos::Publisher,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
@@ -103,6 +105,7 @@ impl Hub {
             queued: Notify::new(),
             changes: watch::channel(0).0,
             shutdown: CancellationToken::new(),
+            publisher: Default::default(),
         });
         hub.ensure_admin_token()?;
         Ok(hub)

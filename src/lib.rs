@@ -14,6 +14,8 @@ pub mod hub;
 pub mod kinds;
 pub mod logs;
 pub mod model;
+pub mod publish;
+pub mod repos;
 pub mod sandbox;
 pub mod scheduler;
 pub mod server;
@@ -77,6 +79,11 @@ pub async fn start(config: Config, kiln_exe: PathBuf) -> Result<Running, HubErro
         source,
     })?;
     let server = tokio::spawn(server::serve(listener, hub.clone()));
+    // Repos whose packages changed before a crash or restart.
+    tokio::spawn({
+        let hub = hub.clone();
+        async move { repos::publish_due(&hub).await }
+    });
     let slots = (0..slots as u32)
         .map(|i| tokio::spawn(worker::run_slot(hub.clone(), i)))
         .collect();

@@ -229,3 +229,57 @@ pub struct BuildDetail {
     pub build: Build,
     pub task_list: Vec<Task>,
 }
+
+/// Where a project's builds run and what their results publish into:
+/// buildroot + architecture + repo (Koji's target, Copr's chroot).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub project: String,
+    pub name: String,
+    /// A buildroot's name, or `host` for the host's system dirs.
+    pub buildroot: String,
+    /// Debian architecture name of the builds (`amd64`, `arm64`, ...).
+    pub arch: String,
+    /// The project's repo successful builds publish into.
+    pub repo: String,
+    pub created: i64,
+}
+
+/// A project's signed apt repository, served at `/repos/<project>/<name>/`
+/// with suite and codename `<name>`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Repo {
+    pub project: String,
+    pub name: String,
+    /// Architectures always listed in Release (from the targets).
+    pub architectures: Vec<String>,
+    pub created: i64,
+    /// Grows with every change of the repo's packages.
+    pub revision: u64,
+    /// The revision the served files show; below `revision` = a publish is due.
+    pub published_revision: u64,
+    /// When the served files were last switched.
+    pub published: Option<i64>,
+}
+
+/// A `.deb` in a repo: the newest build of each package and architecture.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RepoDeb {
+    pub package: String,
+    pub version: String,
+    pub arch: String,
+    /// Path in the repo, `pool/main/<p>/<source>/<file>.deb`.
+    pub pool_path: String,
+    pub digest: Digest,
+    pub size: u64,
+    /// The rendered `Packages` paragraph.
+    pub stanza: String,
+    pub build: BuildId,
+}
+
+/// A file a repo serves: its blob.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepoFileRef {
+    pub digest: Digest,
+    pub size: u64,
+}

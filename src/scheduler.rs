@@ -28,6 +28,8 @@ pub struct Submission {
     /// Used when kiln.toml has no `[package] name`.
     pub package: Option<String>,
     pub submitted_by: String,
+    /// Targets to build for; none: `host` (script builds).
+    pub targets: Vec<String>,
 }
 
 /// Validates the recipe of an ingested (not yet committed) tree, commits its
@@ -52,6 +54,20 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
             ));
         }
     };
+    let mut targets = sub.targets.clone();
+    if targets.is_empty() {
+        targets.push(HOST_TARGET.to_string());
+    }
+    targets.sort();
+    targets.dedup();
+    for t in &targets {
+        if t != HOST_TARGET && hub.db.target(&sub.project, t)?.is_none() {
+            return Err(SubmitError::BadName(format!(
+                "project {} has no target {t:?} (kiln target list {})",
+                sub.project, sub.project
+            )));
+        }
+    }
     let sde = pending.max_mtime.max(0);
     let source = pending.commit()?;
     let build = hub.db.create_build(
@@ -61,7 +77,7 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
         source,
         sde,
         &sub.submitted_by,
-        &[HOST_TARGET],
+        &targets.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     hub.queued.notify_waiters();
     hub.changed();

@@ -23,7 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cas::{CasError, Digest};
 use crate::db::DbError;
 use crate::hub::{Hub, HubError};
-use crate::model::{Artifact, Build, BuildDetail, BuildId, BuildState, DEFAULT_PROJECT, Token};
+use crate::model::{
+    Artifact, Build, BuildDetail, BuildId, BuildState, DEFAULT_PROJECT, Repo, RepoDeb, Target,
+    Token,
+};
 use crate::scheduler::{Submission, SubmitError};
 
 /// The one mapping from errors to HTTP responses: `{"error": "..."}` with a
@@ -39,6 +42,8 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
     Internal(String),
@@ -51,6 +56,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -85,9 +91,11 @@ impl IntoResponse for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
-            DbError::BuildNotFound(_) | DbError::TaskNotFound(_) | DbError::ProjectNotFound(_) => {
-                ApiError::NotFound(e.to_string())
-            }
+            DbError::BuildNotFound(_)
+            | DbError::TaskNotFound(_)
+            | DbError::ProjectNotFound(_)
+            | DbError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DbError::Exists(_) => ApiError::Conflict(e.to_string()),
             DbError::StaleLease { .. } => ApiError::Forbidden(e.to_string()),
             _ => ApiError::Internal(e.to_string()),
         }
@@ -181,6 +189,13 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
         .route("/api/v1/builds/{id}/artifacts", get(list_artifacts))
         .route("/api/v1/builds/{id}/artifacts/{*path}", get(get_artifact))
         .route("/api/v1/tokens", post(create_token))
+        .route(
+            "/api/v1/projects/{project}/targets",
+            get(list_targets).post(add_target),
+        )
+        .route("/api/v1/projects/{project}/repos/{repo}", get(get_repo))
+        .route("/repos/{project}/key.asc", get(repo_key))
+        .route("/repos/{project}/{repo}/{*path}", get(repo_file))
         .route("/cas/sha256/{hex}", get(get_blob))
         .merge(crate::web::routes())
         .with_state(hub)
@@ -245,6 +260,8 @@ async fn get_build(
 
 #[derive(Deserialize)]
 pub struct SubmitQuery {
+    /// Comma-separated target names of the project; default `host`.
+    pub targets: Option<String>,
     pub project: Option<String>,
     pub package: Option<String>,
 }
@@ -265,6 +282,17 @@ async fn submit_build(
         project: q.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string()),
         package: q.package,
         submitted_by: token.name,
+        targets: q
+            .targets
+            .as_deref()
+            .map(|t| {
+                t.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     let h = hub.clone();
     let build = tokio::task::spawn_blocking(move || {
@@ -470,4 +498,165 @@ pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) -> std::io:
     axum::serve(listener, router(hub))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct TargetRequest {
+    pub name: String,
+    /// A buildroot's name, or `host`.
+    pub buildroot: String,
+    pub arch: String,
+    /// Defaults to the target's name.
+    pub repo: Option<String>,
+}
+
+/// Debian architecture names a target may name.
+const ARCHES: &[&str] = &[
+    "amd64", "arm64", "armel", "armhf", "i386", "mips64el", "ppc64el", "riscv64", "s390x", "all",
+];
+
+async fn add_target(
+    Caller(_): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(project): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Target>)> {
+    let req: TargetRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("target request: {e}")))?;
+    let name_ok = |what: &str, v: &str| {
+        crate::kinds::validate_name(v).map_err(|m| ApiError::BadRequest(format!("{what} {m}")))
+    };
+    name_ok("project", &project)?;
+    name_ok("target", &req.name)?;
+    name_ok("buildroot", &req.buildroot)?;
+    let repo = req.repo.unwrap_or_else(|| req.name.clone());
+    name_ok("repo", &repo)?;
+    if !ARCHES.contains(&req.arch.as_str()) {
+        return Err(ApiError::BadRequest(format!(
+            "arch {:?} is not one of {}",
+            req.arch,
+            ARCHES.join(", ")
+        )));
+    }
+    if req.buildroot != crate::model::HOST_TARGET {
+        return Err(ApiError::BadRequest(format!(
+            "buildroot {:?} does not exist (kiln buildroot list)",
+            req.buildroot
+        )));
+    }
+    let target = Target {
+        project: project.clone(),
+        name: req.name,
+        buildroot: req.buildroot,
+        arch: req.arch,
+        repo: repo.clone(),
+        created: crate::model::now_ms(),
+    };
+    let h = hub.clone();
+    let t = target.clone();
+    tokio::task::spawn_blocking(move || -> ApiResult<()> {
+        let key = crate::publish::RepoKey::generate(&format!(
+            "kiln project {} <kiln@localhost>",
+            t.project
+        ))
+        .and_then(|k| k.to_armored_secret())
+        .map_err(|e| ApiError::Internal(format!("signing key: {e}")))?;
+        h.db.add_target(&t, &key)?;
+        Ok(())
+    })
+    .await??;
+    // The repo exists now: its (possibly empty) signed index follows at once.
+    crate::repos::publish(&hub, &project, &repo)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((StatusCode::CREATED, Json(target)))
+}
+
+async fn list_targets(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<Target>>> {
+    Ok(Json(hub.db.targets(&project)?))
+}
+
+/// A repo as the API shows it: its state, its packages and how to use it.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct RepoView {
+    #[serde(flatten)]
+    pub repo: Repo,
+    pub packages: Vec<RepoDeb>,
+    pub sources: crate::repos::RepoSources,
+}
+
+/// `http://host` as the client reached us, for the lines we hand out.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+async fn get_repo(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path((project, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<RepoView>> {
+    let r = hub
+        .db
+        .repo(&project, &repo)?
+        .ok_or_else(|| ApiError::NotFound(format!("repo {project}/{repo} not found")))?;
+    let packages = hub.db.repo_debs(&project, &repo)?;
+    Ok(Json(RepoView {
+        repo: r,
+        packages,
+        sources: crate::repos::sources(&base_url(&headers), &project, &repo),
+    }))
+}
+
+/// The project's public signing key. Repos are public (apt has no bearer
+/// tokens), whatever `public_reads` says.
+async fn repo_key(State(hub): State<Arc<Hub>>, Path(project): Path<String>) -> ApiResult<Response> {
+    let secret = hub
+        .db
+        .project_key(&project)?
+        .ok_or_else(|| ApiError::NotFound(format!("project {project} has no repos")))?;
+    let public = crate::publish::RepoKey::from_armored_secret(&secret)
+        .and_then(|k| k.public_key_armored())
+        .map_err(|e| ApiError::Internal(format!("signing key of {project}: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/pgp-keys"),
+        )],
+        public,
+    )
+        .into_response())
+}
+
+async fn repo_file(
+    State(hub): State<Arc<Hub>>,
+    Path((project, repo, path)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let f = hub
+        .db
+        .repo_file(&project, &repo, &path)?
+        .ok_or_else(|| ApiError::NotFound(format!("{path} not found in repo {project}/{repo}")))?;
+    let mut resp = blob_response(&hub, f.digest, false).await?;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(f.size));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    // Names under by-hash/ and pool/ never change content; the rest does.
+    let cache = if path.contains("/by-hash/") || path.starts_with("pool/") {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    Ok(resp)
 }

@@ -20,7 +20,7 @@ use crate::db::{DbError, Leased, TaskEnd};
 use crate::hub::Hub;
 use crate::kinds::{RECIPE_FILE, Recipe};
 use crate::logs::LogWriter;
-use crate::model::{Artifact, Build, Outcome};
+use crate::model::{Artifact, Build, HOST_TARGET, Outcome, RepoDeb};
 use crate::sandbox::{self, IdMap, RootSpec, Spec};
 
 /// PATH inside the sandbox.
@@ -131,6 +131,7 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
                 log: None,
                 outputs: None,
                 artifacts: vec![],
+                publish: None,
             };
             (end, None)
         }
@@ -138,6 +139,10 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     let h = hub.clone();
     let max = hub.config.build.max_attempts;
     let outcome = end.outcome.clone();
+    let publish_to = match (&end.outcome, &end.publish) {
+        (Outcome::Succeeded, Some((p, r, _))) => Some((p.clone(), r.clone())),
+        _ => None,
+    };
     let res = tokio::task::spawn_blocking(move || h.db.finish_task(task_id, fence, end, max)).await;
     match res {
         Ok(Ok(build)) => {
@@ -154,6 +159,14 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     }
     if let Some(log) = log {
         log.close();
+    }
+    if let Some((project, repo)) = publish_to {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::repos::publish(&hub, &project, &repo).await {
+                tracing::error!(repo = %format!("{project}/{repo}"), error = %e, "publish failed");
+            }
+        });
     }
     hub.queued.notify_waiters();
     hub.changed();
@@ -215,6 +228,19 @@ async fn execute(
     let build_dir = work.join("build");
     let out_dir = work.join("out");
     let limits = hub.config.limits(&task.target);
+    // A project target (buildroot, arch, repo); `host` is the implicit one
+    // of script builds.
+    let target = match task.target.as_str() {
+        HOST_TARGET => None,
+        name => Some(
+            hub.db
+                .target(&build.project, name)
+                .map_err(prep("reading the target"))?
+                .ok_or_else(|| {
+                    ExecError::Prepare(format!("target {}/{name} is gone", build.project))
+                })?,
+        ),
+    };
     let mut log = hub.logs.create(task.id, limits.log_limit_bytes)?;
     log.note(&format!(
         "build {} ({}/{}), task {} attempt {} on {worker}",
@@ -252,6 +278,9 @@ async fn execute(
             cpus: limits.cpus,
         },
         disk_bytes: limits.disk_limit_bytes,
+        network: Default::default(),
+        setup: None,
+        binds: vec![],
         cgroup_name: work
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -300,6 +329,7 @@ async fn execute(
         log: None,
         outputs: None,
         artifacts: vec![],
+        publish: None,
     };
     if end.outcome.succeeded() {
         let cas = hub.cas.clone();
@@ -317,10 +347,15 @@ async fn execute(
                 end.outputs = Some(digest);
                 for e in &tree.entries {
                     if let crate::cas::EntryKind::File { digest, size } = &e.kind {
+                        // One build, several targets: each target's files under its name.
+                        let path = match build.tasks.len() {
+                            1 => e.path.clone(),
+                            _ => format!("{}/{}", task.target, e.path),
+                        };
                         end.artifacts.push(Artifact {
                             build: build.id,
                             task: task.id,
-                            path: e.path.clone(),
+                            path,
                             digest: *digest,
                             size: *size,
                             mode: e.mode,
@@ -328,6 +363,23 @@ async fn execute(
                     }
                 }
                 log.note(&format!("kept {} output file(s)", end.artifacts.len()))?;
+                if let Some(t) = &target {
+                    match debs_for_repo(hub, &end.artifacts, build.id).await {
+                        Ok(debs) => {
+                            log.note(&format!(
+                                "{} package(s) go into repo {}/{}",
+                                debs.len(),
+                                t.project,
+                                t.repo
+                            ))?;
+                            end.publish = Some((t.project.clone(), t.repo.clone(), debs));
+                        }
+                        Err(e) => {
+                            log.note(&format!("outputs rejected: {e}"))?;
+                            end.outcome = Outcome::Outputs(e.to_string());
+                        }
+                    }
+                }
             }
             Err(e) => {
                 log.note(&format!("collecting outputs failed: {e}"))?;
@@ -352,6 +404,27 @@ async fn execute(
 /// Copies the build's output into its log until end-of-file. Past `kill_at`
 /// bytes the sandbox is cancelled (the pipe is still drained, so the build
 /// never blocks on it); returns whether that happened.
+/// The `.deb`s among a task's artifacts, read and indexed for its repo.
+async fn debs_for_repo(
+    hub: &Arc<Hub>,
+    artifacts: &[Artifact],
+    build: crate::model::BuildId,
+) -> Result<Vec<RepoDeb>, crate::repos::RepoError> {
+    let debs: Vec<(String, crate::cas::Digest)> = artifacts
+        .iter()
+        .filter(|a| a.path.ends_with(".deb"))
+        .map(|a| (a.path.clone(), a.digest))
+        .collect();
+    let cas = hub.cas.clone();
+    tokio::task::spawn_blocking(move || {
+        debs.iter()
+            .map(|(path, digest)| crate::repos::deb_for_repo(&cas, path, digest, build))
+            .collect()
+    })
+    .await
+    .map_err(|e| crate::repos::RepoError::Publish("task".into(), e.to_string()))?
+}
+
 async fn pump_log(
     mut reader: tokio::net::unix::pipe::Receiver,
     mut log: LogWriter,

@@ -38,7 +38,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{Pid, pipe2};
 
 use super::sys::{self, Context as _, SetupError};
-use super::{HUB_PID_ENV, IdMap, Outcome, Spec};
+use super::{HUB_PID_ENV, IdMap, Network, Outcome, Spec};
 
 /// Exit code of pid 1 / the build child when setup fails inside the sandbox.
 const SETUP_FAILED: i32 = 125;
@@ -249,12 +249,16 @@ mod outer {
         report_w: OwnedFd,
         parent_ends: [RawFd; 2],
     ) -> Result<Pid, SetupError> {
-        let flags = CloneFlags::CLONE_NEWUSER
+        let mut flags = CloneFlags::CLONE_NEWUSER
             | CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC;
+        // With the host's network for some step, pid 1 stays in the host's
+        // network namespace and the offline steps leave it (build::prepare).
+        if spec.network == Network::Loopback {
+            flags |= CloneFlags::CLONE_NEWNET;
+        }
         // No CLONE_NEWCGROUP here: pid 1 unshares it once the outer has
         // placed it in the task's cgroup, so that cgroup is its root.
         let mut stack = vec![0u8; PID1_STACK];
@@ -392,7 +396,9 @@ mod pid1 {
             .ctx(|| "unshare cgroup namespace".into())?;
         nix::unistd::sethostname(&spec.hostname)
             .ctx(|| format!("sethostname {}", spec.hostname))?;
-        sys::loopback_up().ctx(|| "bring up lo".into())?;
+        if spec.network == Network::Loopback {
+            sys::loopback_up().ctx(|| "bring up lo".into())?;
+        }
         super::super::rootfs::assemble(sources, spec)
     }
 
@@ -411,9 +417,29 @@ mod pid1 {
     /// Fork the build, reap everything until it exits, then kill and reap
     /// whatever is left in the namespace.
     fn supervise(spec: &Spec, report: &File, host_out: Option<OwnedFd>) -> Outcome {
+        if let Some(setup) = &spec.setup {
+            let online = spec.network != Network::Loopback;
+            let outcome = run_step(spec, setup, online, report);
+            if outcome != Outcome::Exited(0) {
+                report_line(&SetupError::Other(format!(
+                    "the setup step ended with {outcome}; the build did not run"
+                )));
+                return outcome;
+            }
+        }
+        let outcome = run_step(spec, &spec.argv, spec.network == Network::Host, report);
+        match host_out {
+            Some(out) => finish_work(outcome, &out),
+            None => outcome,
+        }
+    }
+
+    /// Fork one step, reap everything until it exits, then kill and reap
+    /// whatever it left in the namespace.
+    fn run_step(spec: &Spec, argv: &[String], online: bool, report: &File) -> Outcome {
         // SAFETY: single-threaded process; the child only runs our own code up to exec.
-        let build = match unsafe { nix::unistd::fork() } {
-            Ok(nix::unistd::ForkResult::Child) => super::build::exec(spec, report),
+        let step = match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => super::build::exec(spec, argv, online, report),
             Ok(nix::unistd::ForkResult::Parent { child }) => child,
             Err(e) => {
                 let e = SetupError::Sys {
@@ -426,8 +452,8 @@ mod pid1 {
         };
         let outcome = loop {
             match waitpid(None::<Pid>, None) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == build => break Outcome::Exited(code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == build => {
+                Ok(WaitStatus::Exited(pid, code)) if pid == step => break Outcome::Exited(code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == step => {
                     break Outcome::Signaled(sig as i32);
                 }
                 Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
@@ -445,10 +471,7 @@ mod pid1 {
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
         // Reap until ECHILD: nothing is left.
         while let Ok(_) | Err(nix::errno::Errno::EINTR) = waitpid(None::<Pid>, None) {}
-        match host_out {
-            Some(out) => finish_work(outcome, &out),
-            None => outcome,
-        }
+        outcome
     }
 
     /// With a work tmpfs: a failure on a full disk is the disk limit's; a
@@ -482,12 +505,12 @@ mod build {
 
     /// In the forked build process: prepare and exec. On failure report an
     /// `Infra` line (it precedes pid 1's own report) and exit 127.
-    pub(super) fn exec(spec: &Spec, report: &File) -> ! {
-        let e = match prepare(spec) {
-            Ok((path, argv, env)) => {
-                let errno = nix::unistd::execve(&path, &argv, &env).unwrap_err();
+    pub(super) fn exec(spec: &Spec, argv: &[String], online: bool, report: &File) -> ! {
+        let e = match prepare(spec, argv, online) {
+            Ok((path, cargv, env)) => {
+                let errno = nix::unistd::execve(&path, &cargv, &env).unwrap_err();
                 SetupError::Sys {
-                    what: format!("exec {}", spec.argv[0]),
+                    what: format!("exec {}", argv[0]),
                     errno,
                 }
             }
@@ -503,12 +526,17 @@ mod build {
 
     type Exec = (CString, Vec<CString>, Vec<CString>);
 
-    fn prepare(spec: &Spec) -> Result<Exec, SetupError> {
+    fn prepare(spec: &Spec, argv: &[String], online: bool) -> Result<Exec, SetupError> {
         let cstr = |s: String| {
             CString::new(s).map_err(|_| SetupError::Other("NUL byte in argv or env".into()))
         };
-        let argv = spec
-            .argv
+        // pid 1 kept the host's network for another step: this one leaves it
+        // for a namespace of its own with only lo (while it still may).
+        if !online && spec.network != Network::Loopback {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).ctx(|| "unshare network".into())?;
+            sys::loopback_up().ctx(|| "bring up lo".into())?;
+        }
+        let argv = argv
             .iter()
             .cloned()
             .map(cstr)

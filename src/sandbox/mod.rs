@@ -110,6 +110,16 @@ pub struct Spec {
     /// `out_dir`. Unset: `build_dir` and `out_dir` are bound directly.
     #[serde(default)]
     pub disk_bytes: Option<u64>,
+    #[serde(default)]
+    pub network: Network,
+    /// A command run before `argv`, in the same root (e.g. installing build
+    /// dependencies); `argv` runs only if it exits 0. Every process it left
+    /// is killed first.
+    #[serde(default)]
+    pub setup: Option<Vec<String>>,
+    /// Extra host paths, bound after the root is assembled.
+    #[serde(default)]
+    pub binds: Vec<Bind>,
 }
 
 impl Spec {
@@ -139,6 +149,34 @@ impl Spec {
 pub enum RootSpec {
     /// The host's system dirs (`/usr`, `/etc`, `/lib*`, ...) bound read-only.
     Host,
+    /// A copy-on-write view of a stored root filesystem: the host dir
+    /// `lower` is never written; the task writes into a fresh upper layer on
+    /// its own tmpfs, gone when the task ends.
+    Overlay { lower: PathBuf },
+}
+
+/// Which network the sandbox's processes get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// A network namespace of its own with only `lo`.
+    #[default]
+    Loopback,
+    /// The host's network for [`Spec::setup`]; `argv` then runs in a fresh
+    /// namespace with only `lo` (no way back).
+    SetupOnly,
+    /// The host's network throughout (bootstrapping a buildroot).
+    Host,
+}
+
+/// A host path made visible inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    /// File or directory on the host.
+    pub host: PathBuf,
+    /// Absolute path inside the sandbox (made if missing).
+    pub path: String,
+    pub writable: bool,
 }
 
 /// Inside ids `0..count` map to host ids `host_uid..host_uid+count` (and the same for gids).
@@ -417,6 +455,9 @@ mod tests {
             limits: Default::default(),
             cgroup_name: String::new(),
             disk_bytes: Some(1 << 30),
+            network: Network::SetupOnly,
+            setup: Some(vec!["/bin/true".into()]),
+            binds: vec![],
             ids: IdMap {
                 host_uid: SUBID_BASE,
                 host_gid: SUBID_BASE,

@@ -1,20 +1,21 @@
 //! The sandbox's root filesystem, assembled by pid 1 in its own mount
-//! namespace: a tmpfs root with the host's system dirs bound read-only,
-//! `/build` and `/out` read-write, fresh `/tmp`, `/proc`, a minimal `/dev`.
+//! namespace, on one "work" tmpfs: the root (the host's system dirs bound
+//! read-only, or an overlay of a stored buildroot), `/build` and `/out`
+//! (host dirs, or parts of the work tmpfs when the disk is limited), fresh
+//! `/tmp`, `/dev/shm`, `/proc`, a minimal `/dev`, and the spec's extra binds.
 //!
 //! What must stay true:
 //! - Nothing of the host is visible but the dirs in [`SYSTEM_DIRS`] (read-only,
-//!   recursively) and the spec's build/out dirs. In particular no /home,
-//!   /root, /var, /run, /sys, /work or the hub's data.
+//!   recursively) or the overlay's lower dir (never written: writes go to the
+//!   upper layer on the work tmpfs), the spec's build/out dirs and its binds.
+//!   In particular no /home, /root, /var, /run, /sys, /work or the hub's data.
 //! - Host paths are opened ([`open_sources`]) while pid 1 still has the host
 //!   identity it was cloned with, because the mapped root may be unable to
 //!   search the hub's private dirs (e.g. a 0700 temp dir); the binds then use
 //!   those fds, not paths.
-//! - The old root is detached before the build runs; the new root is
-//!   read-only, only /build, /out, /tmp, /dev/shm (and /dev/pts) writable.
-//!
-//! Seam: overlay buildroots add a `RootSpec` variant whose lower/upper dirs are
-//! opened in `open_sources` and mounted as the root instead of the tmpfs.
+//! - The old root is detached before the build runs. A host root is made
+//!   read-only; an overlay root stays writable (package installs), and what
+//!   is written dies with the task.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd as _, OwnedFd};
@@ -41,9 +42,8 @@ const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"]
 /// tmpfs covers it only inside our private mount namespace and is pivoted away.
 const STAGE: &str = "/tmp";
 
-/// Where the work tmpfs (see [`super::work`]) is mounted in the staged root
-/// while its parts are bound; removed before the build runs.
-const WORK_STAGE: &str = ".kiln-work";
+/// The dir of the work tmpfs the new root is assembled in.
+const ROOT_DIR: &str = "root";
 
 /// A host system dir: bound, or recreated as a symlink.
 enum SystemEntry {
@@ -53,10 +53,16 @@ enum SystemEntry {
 
 /// Host objects the root is built from, opened with the host identity.
 pub(super) struct Sources {
-    system: Vec<SystemEntry>,
+    root: RootSource,
     build: OwnedFd,
     out: OwnedFd,
     dev: Vec<(&'static str, OwnedFd)>,
+    binds: Vec<OwnedFd>,
+}
+
+enum RootSource {
+    Host(Vec<SystemEntry>),
+    Overlay(OwnedFd),
 }
 
 fn open_path(path: &Path, dir: bool) -> nix::Result<OwnedFd> {
@@ -69,7 +75,46 @@ fn open_path(path: &Path, dir: bool) -> nix::Result<OwnedFd> {
 
 /// Open every host path the root needs. Call before switching to the mapped ids.
 pub(super) fn open_sources(spec: &Spec) -> Result<Sources, SetupError> {
-    let RootSpec::Host = spec.root;
+    let root = match &spec.root {
+        RootSpec::Host => RootSource::Host(open_system_dirs()?),
+        RootSpec::Overlay { lower } => RootSource::Overlay(
+            open_path(lower, true).ctx(|| format!("open buildroot {}", lower.display()))?,
+        ),
+    };
+    let build = open_path(&spec.build_dir, true)
+        .ctx(|| format!("open build dir {}", spec.build_dir.display()))?;
+    let out = open_path(&spec.out_dir, true)
+        .ctx(|| format!("open out dir {}", spec.out_dir.display()))?;
+    let mut dev = Vec::new();
+    for &name in DEV_NODES {
+        let host = Path::new("/dev").join(name);
+        match open_path(&host, false) {
+            Ok(fd) => dev.push((name, fd)),
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e).ctx(|| format!("open {}", host.display())),
+        }
+    }
+    let mut binds = Vec::new();
+    for b in &spec.binds {
+        if !b.path.starts_with('/') || b.path.split('/').any(|c| c == "..") {
+            return Err(SetupError::Other(format!(
+                "bind target {:?} must be an absolute path without ..",
+                b.path
+            )));
+        }
+        let meta = std::fs::metadata(&b.host).ctx(|| format!("stat {}", b.host.display()))?;
+        binds.push(open_path(&b.host, meta.is_dir()).ctx(|| format!("open {}", b.host.display()))?);
+    }
+    Ok(Sources {
+        root,
+        build,
+        out,
+        dev,
+        binds,
+    })
+}
+
+fn open_system_dirs() -> Result<Vec<SystemEntry>, SetupError> {
     let mut system = Vec::new();
     for &name in SYSTEM_DIRS {
         let host = Path::new("/").join(name);
@@ -88,25 +133,7 @@ pub(super) fn open_sources(spec: &Spec) -> Result<Sources, SetupError> {
             Ok(_) => continue,
         }
     }
-    let build = open_path(&spec.build_dir, true)
-        .ctx(|| format!("open build dir {}", spec.build_dir.display()))?;
-    let out = open_path(&spec.out_dir, true)
-        .ctx(|| format!("open out dir {}", spec.out_dir.display()))?;
-    let mut dev = Vec::new();
-    for &name in DEV_NODES {
-        let host = Path::new("/dev").join(name);
-        match open_path(&host, false) {
-            Ok(fd) => dev.push((name, fd)),
-            Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(e).ctx(|| format!("open {}", host.display())),
-        }
-    }
-    Ok(Sources {
-        system,
-        build,
-        out,
-        dev,
-    })
+    Ok(system)
 }
 
 /// Paths under the staged root, named in messages as the build will see them.
@@ -123,6 +150,19 @@ impl Root {
             .mode(mode)
             .create(&p)
             .ctx(|| format!("mkdir /{rel}"))?;
+        Ok(p)
+    }
+
+    /// A dir that may already be there (an overlay root has most).
+    fn ensure_dir(&self, rel: &str, mode: u32) -> Result<PathBuf, SetupError> {
+        let p = self.at(rel);
+        if !p.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .recursive(true)
+                .create(&p)
+                .ctx(|| format!("mkdir /{rel}"))?;
+        }
         Ok(p)
     }
 
@@ -179,9 +219,9 @@ pub(super) fn fd_path(fd: &OwnedFd) -> PathBuf {
 /// Build the root and pivot into it. Runs in pid 1, as the mapped root, in
 /// the new mount namespace; afterwards the host's tree is gone from view.
 ///
-/// With [`Spec::disk_bytes`] the writable dirs are parts of one size-limited
-/// tmpfs and the source is copied in; the host out dir is then returned,
-/// for pid 1 to copy `/out` into once the build is over.
+/// With [`Spec::disk_bytes`] the work tmpfs has that size and holds
+/// `/build` and `/out` too (the source is copied in); the host out dir is
+/// then returned, for pid 1 to copy `/out` into once the build is over.
 pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<Option<OwnedFd>, SetupError> {
     // Nothing we mount may propagate back to the host (or in from it).
     mount(
@@ -193,67 +233,76 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<Option<OwnedFd>, Set
     )
     .ctx(|| "make / rprivate".into())?;
 
-    let root = Root(PathBuf::from(STAGE));
-    mount(
-        Some("kiln-root"),
-        STAGE,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755"),
-    )
-    .ctx(|| "mount tmpfs as new root".into())?;
-
-    for entry in &src.system {
-        match entry {
-            SystemEntry::Dir(name, fd) => {
-                let target = root.mkdir(name, 0o755)?;
-                root.bind(fd, name, &format!("/{name}"))?;
-                make_readonly(&target, true).ctx(|| format!("make /{name} read-only"))?;
-            }
-            SystemEntry::Link(name, dest) => root.symlink(dest, name)?,
-        }
-    }
-
-    let work = match spec.disk_bytes {
-        Some(bytes) => {
-            let w = root.mkdir(WORK_STAGE, 0o700)?;
-            super::work::mount_at(&w, bytes)?;
-            super::work::copy_tree(&fd_path(&src.build), &w.join("build"))
-                .ctx(|| format!("copy the source {} into /build", spec.build_dir.display()))?;
-            Some(w)
-        }
-        None => None,
-    };
-
-    root.mkdir("build", 0o755)?;
-    root.mkdir("out", 0o755)?;
-    root.mkdir("tmp", 0o1777)?;
-    match &work {
-        Some(w) => {
-            for (part, _, rel) in super::work::PARTS {
-                if rel != "dev/shm" {
-                    root.bind_path(&w.join(part), rel, "the work tmpfs")?;
+    let work = Path::new(STAGE);
+    super::work::mount_at(work, spec.disk_bytes)?;
+    let root = Root(work.join(ROOT_DIR));
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&root.0)
+        .ctx(|| "mkdir the new root".into())?;
+    match &src.root {
+        RootSource::Host(system) => {
+            // A bind of the dir onto itself: pivot_root needs a mount point.
+            root.bind_path(&root.0, "", "the new root")?;
+            for entry in system {
+                match entry {
+                    SystemEntry::Dir(name, fd) => {
+                        let target = root.mkdir(name, 0o755)?;
+                        root.bind(fd, name, &format!("/{name}"))?;
+                        make_readonly(&target, true).ctx(|| format!("make /{name} read-only"))?;
+                    }
+                    SystemEntry::Link(name, dest) => root.symlink(dest, name)?,
                 }
             }
         }
-        None => {
-            root.bind(&src.build, "build", &spec.build_dir.display().to_string())?;
-            root.bind(&src.out, "out", &spec.out_dir.display().to_string())?;
-            root.mount_fs(
-                "tmpfs",
-                "tmp",
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                "mode=1777",
-            )?;
+        RootSource::Overlay(lower) => {
+            for d in ["upper", "ovl-work"] {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(work.join(d))
+                    .ctx(|| format!("mkdir overlay {d}"))?;
+            }
+            // userxattr: an overlay mounted in a user namespace keeps its
+            // whiteouts in user.* xattrs (the work tmpfs has them).
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={},userxattr",
+                fd_path(lower).display(),
+                work.join("upper").display(),
+                work.join("ovl-work").display()
+            );
+            mount(
+                Some("kiln-buildroot"),
+                &root.0,
+                Some("overlay"),
+                MsFlags::MS_NODEV,
+                Some(opts.as_str()),
+            )
+            .ctx(|| "mount the buildroot overlay".into())?;
         }
     }
-    root.mkdir("var", 0o755)?;
-    root.symlink("/tmp", "var/tmp")?;
+
+    root.ensure_dir("build", 0o755)?;
+    root.ensure_dir("out", 0o755)?;
+    root.ensure_dir("tmp", 0o1777)?;
+    if spec.disk_bytes.is_some() {
+        super::work::copy_tree(&fd_path(&src.build), &work.join("build"))
+            .ctx(|| format!("copy the source {} into /build", spec.build_dir.display()))?;
+        root.bind_path(&work.join("build"), "build", "the work tmpfs")?;
+        root.bind_path(&work.join("out"), "out", "the work tmpfs")?;
+    } else {
+        root.bind(&src.build, "build", &spec.build_dir.display().to_string())?;
+        root.bind(&src.out, "out", &spec.out_dir.display().to_string())?;
+    }
+    root.bind_path(&work.join("tmp"), "tmp", "the work tmpfs")?;
+    if matches!(src.root, RootSource::Host(_)) {
+        root.mkdir("var", 0o755)?;
+        root.symlink("/tmp", "var/tmp")?;
+    }
 
     // proc must be mounted while the host's /proc is still visible: the
     // kernel refuses a new proc in a user namespace that would reveal more
     // than an existing fully visible one.
-    root.mkdir("proc", 0o555)?;
+    root.ensure_dir("proc", 0o555)?;
     root.mount_fs(
         "proc",
         "proc",
@@ -261,22 +310,49 @@ pub(super) fn assemble(src: Sources, spec: &Spec) -> Result<Option<OwnedFd>, Set
         "",
     )?;
 
-    populate_dev(&root, &src.dev, work.as_deref())?;
+    populate_dev(&root, &src.dev, &work.join("shm"))?;
     mask_proc(&root)?;
-    if let Some(w) = &work {
-        // The parts stay mounted through their binds.
-        umount2(w, MntFlags::MNT_DETACH).ctx(|| "detach the work tmpfs stage".into())?;
-        std::fs::remove_dir(w).ctx(|| "remove the work tmpfs stage".into())?;
+    for (b, fd) in spec.binds.iter().zip(&src.binds) {
+        bind_extra(&root, b, fd)?;
     }
 
     // pivot_root(".", ".") stacks the old root on the new one; the detach
-    // unmount then drops it, with all host mounts below it.
-    std::env::set_current_dir(STAGE).ctx(|| "chdir to new root".into())?;
+    // unmount then drops it, with all host mounts below it (the work tmpfs
+    // lives on in its binds).
+    std::env::set_current_dir(&root.0).ctx(|| "chdir to new root".into())?;
     nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detach old root".into())?;
     std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
-    make_readonly(Path::new("/"), false).ctx(|| "make / read-only".into())?;
-    Ok(work.map(|_| src.out))
+    if matches!(src.root, RootSource::Host(_)) {
+        make_readonly(Path::new("/"), false).ctx(|| "make / read-only".into())?;
+    }
+    Ok(spec.disk_bytes.map(|_| src.out))
+}
+
+/// One of the spec's extra binds: target made if missing, read-only unless
+/// asked otherwise.
+fn bind_extra(root: &Root, b: &super::Bind, fd: &OwnedFd) -> Result<(), SetupError> {
+    let rel = b.path.trim_start_matches('/');
+    let is_dir = std::fs::metadata(fd_path(fd))
+        .map(|m| m.is_dir())
+        .unwrap_or(true);
+    if is_dir {
+        root.ensure_dir(rel, 0o755)?;
+    } else {
+        if let Some(parent) = Path::new(rel).parent().and_then(|p| p.to_str())
+            && !parent.is_empty()
+        {
+            root.ensure_dir(parent, 0o755)?;
+        }
+        if !root.at(rel).exists() {
+            root.touch(rel)?;
+        }
+    }
+    root.bind(fd, rel, &b.host.display().to_string())?;
+    if !b.writable {
+        make_readonly(&root.at(rel), true).ctx(|| format!("make {} read-only", b.path))?;
+    }
+    Ok(())
 }
 
 /// Kernel knobs under /proc become read-only and kernel internals are
@@ -342,9 +418,9 @@ fn mask_proc(root: &Root) -> Result<(), SetupError> {
 fn populate_dev(
     root: &Root,
     nodes: &[(&'static str, OwnedFd)],
-    work: Option<&Path>,
+    shm: &Path,
 ) -> Result<(), SetupError> {
-    let dev = root.mkdir("dev", 0o755)?;
+    let dev = root.ensure_dir("dev", 0o755)?;
     root.mount_fs(
         "tmpfs",
         "dev",
@@ -366,15 +442,7 @@ fn populate_dev(
     )?;
     root.symlink("pts/ptmx", "dev/ptmx")?;
     root.mkdir("dev/shm", 0o1777)?;
-    match work {
-        Some(w) => root.bind_path(&w.join("shm"), "dev/shm", "the work tmpfs")?,
-        None => root.mount_fs(
-            "tmpfs",
-            "dev/shm",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
-        )?,
-    }
+    root.bind_path(shm, "dev/shm", "the work tmpfs")?;
     for (link, target) in [
         ("dev/fd", "/proc/self/fd"),
         ("dev/stdin", "/proc/self/fd/0"),

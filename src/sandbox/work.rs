@@ -1,6 +1,7 @@
-//! The size-limited writable space of a task ([`super::Spec::disk_bytes`]):
-//! one tmpfs holding `/build`, `/out`, `/tmp` and `/dev/shm`; the source is
-//! copied in before the build and `/out` copied back to the host after it.
+//! The task's work tmpfs: the new root is assembled on it, and it holds
+//! `/tmp`, `/dev/shm`, an overlay root's upper layer and, with a size limit
+//! ([`super::Spec::disk_bytes`]), `/build` and `/out` too; the source is
+//! then copied in before the build and `/out` copied back to the host after.
 //!
 //! What must stay true:
 //! - Every place the build can write is a part of this one tmpfs (the root,
@@ -22,31 +23,35 @@ use nix::mount::{MsFlags, mount};
 
 use super::sys::{Context as _, SetupError};
 
-/// The parts of the work tmpfs, their modes, and where each is bound in
-/// the sandbox.
-pub(super) const PARTS: [(&str, u32, &str); 4] = [
-    ("build", 0o755, "build"),
-    ("out", 0o755, "out"),
-    ("tmp", 0o1777, "tmp"),
-    ("shm", 0o1777, "dev/shm"),
+/// The parts of the work tmpfs and their modes.
+const PARTS: [(&str, u32); 4] = [
+    ("build", 0o755),
+    ("out", 0o755),
+    ("tmp", 0o1777),
+    ("shm", 0o1777),
 ];
 
 /// Below this many free bytes (or with no free inode) the space counts as
 /// full: writers get ENOSPC before the last block is used.
 const FULL_SLACK: u64 = 64 << 10;
 
-/// Mount the work tmpfs of `bytes` at `at` and make its parts. Runs in
-/// pid 1 with umask 0, so the modes are exact.
-pub(super) fn mount_at(at: &Path, bytes: u64) -> Result<(), SetupError> {
+/// Mount the work tmpfs at `at` (of `bytes`, or the kernel's default size
+/// when unlimited) and make its parts. Runs in pid 1 with umask 0, so the
+/// modes are exact.
+pub(super) fn mount_at(at: &Path, bytes: Option<u64>) -> Result<(), SetupError> {
+    let opts = match bytes {
+        Some(b) => format!("size={b},mode=0755"),
+        None => "mode=0755".to_string(),
+    };
     mount(
         Some("kiln-work"),
         at,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(format!("size={bytes},mode=0755").as_str()),
+        Some(opts.as_str()),
     )
-    .ctx(|| format!("mount a {bytes}-byte tmpfs for /build"))?;
-    for (name, mode, _) in PARTS {
+    .ctx(|| format!("mount the work tmpfs ({opts})"))?;
+    for (name, mode) in PARTS {
         DirBuilder::new()
             .mode(mode)
             .create(at.join(name))

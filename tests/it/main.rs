@@ -1,9 +1,12 @@
 //! kiln's integration tests: one binary, a small harness, real parts (the
 //! real hub on a loopback port, real redb files, real sandboxes).
 
+mod apt;
 mod harness;
 mod hostile;
 mod hub;
+mod publish;
+mod repos;
 mod restart;
 mod sandbox;
 

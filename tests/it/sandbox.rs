@@ -55,6 +55,9 @@ impl Task {
             limits: Default::default(),
             cgroup_name: String::new(),
             disk_bytes: None,
+            network: Default::default(),
+            setup: None,
+            binds: vec![],
         }
     }
 

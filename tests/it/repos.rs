@@ -1,0 +1,225 @@
+//! Signed apt repositories served by a real hub, checked with real apt.
+
+use std::time::{Duration, Instant};
+
+use kiln::model::BuildState;
+use kiln::server::TargetRequest;
+
+use crate::apt::{Apt, tampering_proxy, text};
+use crate::harness::*;
+
+/// A script that makes `kiln-hello_VERSION_amd64.deb` with dpkg-deb.
+fn deb_script(version: &str) -> String {
+    format!(
+        "mkdir -p pkg/DEBIAN pkg/usr/bin\n\
+         printf 'Package: kiln-hello\\nVersion: {version}\\nArchitecture: amd64\\nMaintainer: Kiln Tests <t@kiln.invalid>\\nDescription: hello from kiln\\n A test package.\\n' > pkg/DEBIAN/control\n\
+         printf '#!/bin/sh\\necho hello from kiln {version}\\n' > pkg/usr/bin/kiln-hello\n\
+         chmod 755 pkg/usr/bin/kiln-hello\n\
+         dpkg-deb --root-owner-group --build pkg $KILN_OUT/kiln-hello_{version}_amd64.deb"
+    )
+}
+
+async fn hub_with_repo() -> TestHub {
+    let h = hub(1).await;
+    let t = h
+        .client
+        .add_target(
+            "demo",
+            &TargetRequest {
+                name: "debs".into(),
+                buildroot: "host".into(),
+                arch: "amd64".into(),
+                repo: Some("stable".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((t.repo.as_str(), t.arch.as_str()), ("stable", "amd64"));
+    h
+}
+
+async fn build_deb(h: &TestHub, version: &str) -> kiln::server::BuildView {
+    let src = script_tree("kiln-hello", &deb_script(version), &["*.deb"]);
+    let b = h
+        .client
+        .submit_dir_to(src.path(), Some("demo"), None, &["debs"])
+        .await
+        .unwrap();
+    h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap()
+}
+
+/// Waits until the repo serves `version` of kiln-hello.
+async fn wait_published(h: &TestHub, version: &str) -> kiln::server::RepoView {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = h.client.repo("demo", "stable").await.unwrap();
+        if r.repo.published_revision == r.repo.revision
+            && r.packages.iter().any(|p| p.version == version)
+        {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "not published: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An apt client for the hub's (or a proxy's) `demo/stable`, with the
+/// served key as its `signed-by`.
+async fn apt_for(h: &TestHub, base: &str, dir: &std::path::Path) -> Apt {
+    let key = get_text(h, "/repos/demo/key.asc").await;
+    assert!(
+        key.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"),
+        "{key}"
+    );
+    let key_path = dir.join("kiln-demo.asc");
+    std::fs::write(&key_path, key).unwrap();
+    Apt::new(
+        &dir.join("apt"),
+        &format!(
+            "deb [signed-by={}] {base}/repos/demo/stable stable main",
+            key_path.display()
+        ),
+        "",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_deb_is_installable_with_real_apt_from_the_signed_repo() {
+    let mut h = hub_with_repo().await;
+    let v = build_deb(&h, "1.0").await;
+    assert_eq!(v.detail.build.state, BuildState::Succeeded);
+    let repo = wait_published(&h, "1.0").await;
+    assert_eq!(repo.packages.len(), 1);
+    assert!(
+        repo.sources
+            .list_line
+            .ends_with("/repos/demo/stable stable main"),
+        "{:?}",
+        repo.sources
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let apt = apt_for(&h, &h.url(), tmp.path()).await;
+    let o = apt.run("apt-get", &["update"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("W:"),
+        "{}",
+        text(&o)
+    );
+    let o = apt.run("apt-cache", &["policy", "kiln-hello"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Candidate: 1.0"),
+        "{}",
+        text(&o)
+    );
+    let o = apt.run("apt-get", &["download", "kiln-hello"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let deb = apt.dir.join("kiln-hello_1.0_amd64.deb");
+    let x = tmp.path().join("x");
+    let o = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = std::process::Command::new(x.join("usr/bin/kiln-hello"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello from kiln 1.0\n");
+
+    // A new version replaces it; apt sees the upgrade.
+    let v = build_deb(&h, "1.1").await;
+    assert_eq!(v.detail.build.state, BuildState::Succeeded);
+    wait_published(&h, "1.1").await;
+    let o = apt.run("apt-get", &["update"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = apt.run("apt-cache", &["policy", "kiln-hello"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Candidate: 1.1"),
+        "{}",
+        text(&o)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_release_or_index_is_refused_by_real_apt() {
+    let mut h = hub_with_repo().await;
+    let v = build_deb(&h, "2.0").await;
+    assert_eq!(v.detail.build.state, BuildState::Succeeded);
+    wait_published(&h, "2.0").await;
+    for (suffix, hide, expect) in [
+        ("/InRelease", None, "NOSPLIT|BADSIG|not signed|invalid"),
+        // No InRelease: apt falls back to Release + Release.gpg.
+        ("/Release", Some("/InRelease"), "BADSIG|not signed|invalid"),
+        // apt takes the indexes by hash (Acquire-By-Hash).
+        (
+            "/by-hash/",
+            None,
+            "Hash Sum mismatch|File has unexpected size|Bad header|mismatch",
+        ),
+    ] {
+        let proxy = tampering_proxy(h.url(), suffix, hide).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let apt = apt_for(&h, &proxy, tmp.path()).await;
+        let o = apt.run("apt-get", &["update"]);
+        let all = text(&o);
+        let refused = !o.status.success() || all.contains("W:") || all.contains("E:");
+        assert!(refused, "tampered {suffix} accepted:\n{all}");
+        assert!(
+            expect.split('|').any(|e| all.contains(e)),
+            "tampered {suffix}: {all}"
+        );
+        let o = apt.run("apt-cache", &["policy", "kiln-hello"]);
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("Candidate: 2.0"),
+            "tampered {suffix}: apt took the package\n{}",
+            text(&o)
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_build_publishes_nothing() {
+    let mut h = hub_with_repo().await;
+    let before = wait_published_empty(&h).await;
+    let src = script_tree(
+        "kiln-hello",
+        &format!("{}\nexit 3", deb_script("9.9")),
+        &["*.deb"],
+    );
+    let b = h
+        .client
+        .submit_dir_to(src.path(), Some("demo"), None, &["debs"])
+        .await
+        .unwrap();
+    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Failed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = h.client.repo("demo", "stable").await.unwrap();
+    assert!(after.packages.is_empty(), "{after:?}");
+    assert_eq!(after.repo.revision, before.repo.revision);
+    // A target the project lacks is a clear 400.
+    let err = h
+        .client
+        .submit_dir_to(src.path(), Some("demo"), None, &["nope"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no target \"nope\""), "{err}");
+    h.stop().await;
+}
+
+async fn wait_published_empty(h: &TestHub) -> kiln::server::RepoView {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = h.client.repo("demo", "stable").await.unwrap();
+        if r.repo.published.is_some() && r.repo.published_revision == r.repo.revision {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "never published: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
