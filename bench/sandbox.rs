@@ -332,6 +332,7 @@ fn main() {
         network: Default::default(),
         setup: None,
         binds: vec![],
+        hardening: Default::default(),
     };
 
     // Runs `argv` once in `mode` with `build_dir` as the working tree.

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cas::Digest;
 use crate::model::{Artifact, Build, Target};
 use crate::server::{
-    BuildView, ErrorBody, Health, RepoView, TargetRequest, TokenCreated, TokenRequest,
+    BuildView, BuildrootView, ErrorBody, Health, RepoView, TargetRequest, TokenCreated, TokenRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +177,65 @@ impl Client {
         let package = package.or(default_name.as_deref());
         let body = reqwest::Body::wrap_stream(tar_stream(dir.to_owned()));
         self.submit_tar_to(project, package, targets, body).await
+    }
+
+    pub async fn create_buildroot(
+        &self,
+        req: &crate::buildroot::CreateRequest,
+    ) -> Result<BuildrootView> {
+        let rb = self.req(reqwest::Method::POST, "/api/v1/buildroots").json(req);
+        self.json(rb).await
+    }
+
+    /// Uploads a root filesystem tarball (`.tar`, `.tar.zst`, `.tar.gz`, ...).
+    pub async fn import_buildroot(&self, name: &str, tarball: &Path) -> Result<BuildrootView> {
+        let f = tokio::fs::File::open(tarball).await.map_err(|e| {
+            ClientError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", tarball.display()),
+            ))
+        })?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+        let rb = self
+            .req(reqwest::Method::PUT, &format!("/api/v1/buildroots/{name}/import"))
+            .body(body);
+        self.json(rb).await
+    }
+
+    pub async fn buildroots(&self) -> Result<Vec<BuildrootView>> {
+        let rb = self.req(reqwest::Method::GET, "/api/v1/buildroots");
+        self.json(rb).await
+    }
+
+    pub async fn buildroot(&self, name: &str) -> Result<BuildrootView> {
+        let rb = self.req(reqwest::Method::GET, &format!("/api/v1/buildroots/{name}"));
+        self.json(rb).await
+    }
+
+    pub async fn refresh_buildroot(&self, name: &str) -> Result<BuildrootView> {
+        let rb = self.req(
+            reqwest::Method::POST,
+            &format!("/api/v1/buildroots/{name}/refresh"),
+        );
+        self.json(rb).await
+    }
+
+    pub async fn delete_buildroot(&self, name: &str) -> Result<crate::model::Buildroot> {
+        let rb = self.req(reqwest::Method::DELETE, &format!("/api/v1/buildroots/{name}"));
+        self.json(rb).await
+    }
+
+    /// The log of a buildroot's last create, import or refresh.
+    pub async fn buildroot_log(&self, name: &str) -> Result<String> {
+        let rb = self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/buildroots/{name}/log"),
+        );
+        let resp = self.send(rb).await?;
+        resp.text().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })
     }
 
     /// Adds a target to a project (its repo and signing key come with it).

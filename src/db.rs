@@ -15,8 +15,9 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::cas::Digest;
 use crate::model::{
-    Artifact, Build, BuildDetail, BuildId, BuildState, Lease, Outcome, Package, PackageKind,
-    Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token, now_ms,
+    Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, Lease, Outcome,
+    Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token,
+    now_ms,
 };
 
 /// Bumped whenever a stored type changes shape; `Db::open` refuses files from
@@ -41,6 +42,8 @@ const REPOS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("repos"
 const REPO_DEBS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_debs");
 /// (project, repo, path) → RepoFileRef: what `/repos/<project>/<repo>/<path>` serves.
 const REPO_FILES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_files");
+/// name → Buildroot.
+const BUILDROOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("buildroots");
 /// project → its OpenPGP signing key (armored secret key).
 const PROJECT_KEYS: TableDefinition<&str, &str> = TableDefinition::new("project_keys");
 
@@ -176,6 +179,7 @@ impl Db {
             tx.open_table(REPO_DEBS)?;
             tx.open_table(REPO_FILES)?;
             tx.open_table(PROJECT_KEYS)?;
+            tx.open_table(BUILDROOTS)?;
         }
         tx.commit()?;
         Ok(Db { db })
@@ -504,6 +508,74 @@ impl Db {
         };
         tx.commit()?;
         Ok(build)
+    }
+
+    // ---- buildroots ----
+
+    /// Records a buildroot about to be made. Refused while one of that name
+    /// exists, unless its last attempt failed (it is replaced).
+    pub fn begin_buildroot(&self, br: &Buildroot) -> Result<Buildroot> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut t = tx.open_table(BUILDROOTS)?;
+            let mut rec = br.clone();
+            if let Some(old) = get_rec::<_, Buildroot>(&t, br.name.as_str())? {
+                if !matches!(old.state, BuildrootState::Failed(_)) {
+                    return Err(DbError::Exists(format!("buildroot {}", br.name)));
+                }
+                rec.generation = old.generation;
+            }
+            t.insert(br.name.as_str(), enc(&rec).as_slice())?;
+            rec
+        };
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    /// Replaces a buildroot's record (state changes of a create or refresh).
+    pub fn put_buildroot(&self, br: &Buildroot) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(BUILDROOTS)?
+            .insert(br.name.as_str(), enc(br).as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn buildroot(&self, name: &str) -> Result<Option<Buildroot>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(BUILDROOTS)?, name)
+    }
+
+    pub fn buildroots(&self) -> Result<Vec<Buildroot>> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(BUILDROOTS)?.iter()? {
+            out.push(dec(row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a buildroot's record; refused while a target names it.
+    pub fn delete_buildroot(&self, name: &str) -> Result<Buildroot> {
+        let tx = self.db.begin_write()?;
+        let br = {
+            for row in tx.open_table(TARGETS)?.iter()? {
+                let t: Target = dec(row?.1.value())?;
+                if t.buildroot == name {
+                    return Err(DbError::Exists(format!(
+                        "target {}/{} on buildroot {name}",
+                        t.project, t.name
+                    )));
+                }
+            }
+            let mut t = tx.open_table(BUILDROOTS)?;
+            let br: Buildroot = get_rec(&t, name)?
+                .ok_or_else(|| DbError::NotFound(format!("buildroot {name}")))?;
+            t.remove(name)?;
+            br
+        };
+        tx.commit()?;
+        Ok(br)
     }
 
     // ---- targets, repos, keys ----

@@ -1,5 +1,6 @@
-//! Package kinds: what a source tree declares in `kiln.toml` and how a task
-//! of that kind is run. Only `script` exists so far (docs/kiln-toml.md).
+//! Package kinds: what a source tree declares in `kiln.toml` (or, for a
+//! Debian source tree without one, its `debian/control`) and how a task of
+//! that kind is run: `script` and `deb` (docs/kiln-toml.md).
 
 use globset::{GlobSet, GlobSetBuilder};
 use serde::Deserialize;
@@ -8,15 +9,35 @@ use crate::model::PackageKind;
 
 /// The recipe file at the top of every source tree.
 pub const RECIPE_FILE: &str = "kiln.toml";
+/// What makes a tree without kiln.toml a `deb` source.
+pub const DEB_CONTROL: &str = "debian/control";
+
+/// Phase 1 of a `deb` task, offline in the buildroot: the .debs its
+/// Build-Depends need, as apt's `'URI' file size SHA256:hex` lines.
+pub const DEB_RESOLVE_SCRIPT: &str =
+    "apt-get build-dep --print-uris -qq -o Debug::NoLocking=1 ./ > /out/.kiln-deps";
+/// Where phase 2 finds the fetched .debs (read-only).
+pub const DEB_CACHE_DIR: &str = "/var/cache/kiln-debs";
+/// Phase 2, offline: install Build-Depends from the fetched .debs, build
+/// the binary packages, keep them with their .buildinfo and .changes.
+pub const DEB_BUILD_SCRIPT: &str = "apt-get build-dep -y -q --no-download -o Debug::NoLocking=1 \
+  -o Dir::Cache::Archives=/var/cache/kiln-debs/ ./
+dpkg-buildpackage -b -us -uc
+cp ../*.deb ../*.buildinfo ../*.changes \"$KILN_OUT\"/
+for f in ../*.udeb ../*.ddeb; do [ ! -e \"$f\" ] || cp \"$f\" \"$KILN_OUT\"/; done";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("kiln.toml not found at the top of the source tree")]
+    #[error("neither kiln.toml nor debian/control at the top of the source tree")]
     Missing,
     #[error("kiln.toml is not UTF-8")]
     NotUtf8,
     #[error("kiln.toml {0}")]
     Invalid(String),
+    #[error("reading the source tree: {0}")]
+    Read(String),
+    #[error("debian/control: {0}")]
+    Control(String),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -118,7 +139,7 @@ impl Recipe {
             && k != "script"
         {
             return Err(RecipeError::Invalid(format!(
-                "{}package.kind {k:?} is not supported (supported: \"script\")",
+                "{}package.kind {k:?} is not supported in kiln.toml (supported: \"script\"; a Debian source tree without kiln.toml builds as \"deb\")",
                 at("kind")
             )));
         }
@@ -130,8 +151,55 @@ impl Recipe {
         Ok(r)
     }
 
+    /// The recipe of a Debian source tree without kiln.toml: its package
+    /// is the `Source:` of debian/control.
+    pub fn deb(control: &[u8]) -> Result<Recipe, RecipeError> {
+        let bad = RecipeError::Control;
+        let text = std::str::from_utf8(control).map_err(|_| bad("not UTF-8".into()))?;
+        let source = text
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case("Source").then(|| v.trim().to_string())
+            })
+            .ok_or_else(|| bad("no Source: field in its first paragraph".into()))?;
+        validate_name(&source).map_err(|m| bad(format!("Source {m}")))?;
+        Ok(Recipe {
+            package: PackageSection {
+                name: Some(source),
+                kind: Some("deb".into()),
+            },
+            build: BuildSection {
+                script: DEB_BUILD_SCRIPT.into(),
+            },
+            outputs: OutputsSection {
+                files: ["*.deb", "*.udeb", "*.ddeb", "*.buildinfo", "*.changes"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+        })
+    }
+
+    /// The recipe of a checked-out or pending tree: kiln.toml, else
+    /// debian/control.
+    pub fn of_tree(
+        read: impl Fn(&str) -> Result<Option<Vec<u8>>, RecipeError>,
+    ) -> Result<Recipe, RecipeError> {
+        if let Some(b) = read(RECIPE_FILE)? {
+            return Recipe::parse(&b);
+        }
+        match read(DEB_CONTROL)? {
+            Some(c) => Recipe::deb(&c),
+            None => Err(RecipeError::Missing),
+        }
+    }
+
     pub fn kind(&self) -> PackageKind {
-        PackageKind::Script
+        match self.package.kind.as_deref() {
+            Some("deb") => PackageKind::Deb,
+            _ => PackageKind::Script,
+        }
     }
 
     pub fn output_globs(&self) -> Result<GlobSet, RecipeError> {

@@ -5,11 +5,13 @@
 //! `start` builds the hub and returns its bound address; `main.rs` only
 //! parses arguments and dispatches to `cli`.
 
+pub mod buildroot;
 pub mod cas;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod deps;
 pub mod hub;
 pub mod kinds;
 pub mod logs;

@@ -41,12 +41,15 @@ pub fn now_ms() -> i64 {
 #[serde(rename_all = "snake_case")]
 pub enum PackageKind {
     Script,
+    /// A Debian source package (debian/ at the top), built with dpkg-buildpackage.
+    Deb,
 }
 
 impl std::fmt::Display for PackageKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             PackageKind::Script => "script",
+            PackageKind::Deb => "deb",
         })
     }
 }
@@ -282,4 +285,43 @@ pub struct RepoDeb {
 pub struct RepoFileRef {
     pub digest: Digest,
     pub size: u64,
+}
+
+/// A named root filesystem tasks run in (each task on a copy-on-write view).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Buildroot {
+    pub name: String,
+    pub source: BuildrootSource,
+    pub state: BuildrootState,
+    /// Bumped by every successful create/refresh/import: the dir in use is
+    /// `buildroots/<name>.<generation>`.
+    pub generation: u64,
+    pub created: i64,
+    /// When the current generation became ready.
+    pub ready: Option<i64>,
+    /// Bytes of the current generation's files.
+    pub size: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum BuildrootSource {
+    /// `mmdebstrap --variant=buildd SUITE DIR MIRROR` (plus `include`).
+    Debian {
+        suite: String,
+        mirror: String,
+        include: Vec<String>,
+    },
+    /// An uploaded root filesystem tarball.
+    Imported,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildrootState {
+    /// Being made; its log shows the progress.
+    Creating,
+    Ready,
+    /// The last create/import failed (nothing of it is left on disk).
+    Failed(String),
 }

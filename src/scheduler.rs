@@ -7,8 +7,8 @@ use std::sync::Arc;
 use crate::cas::{CasError, PendingTree};
 use crate::db::{DbError, Leased};
 use crate::hub::Hub;
-use crate::kinds::{RECIPE_FILE, Recipe, RecipeError, validate_name};
-use crate::model::{Build, HOST_TARGET};
+use crate::kinds::{Recipe, RecipeError, validate_name};
+use crate::model::{Build, HOST_TARGET, PackageKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -38,10 +38,11 @@ pub struct Submission {
 /// submission commits nothing.
 pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build, SubmitError> {
     validate_name(&sub.project).map_err(|m| SubmitError::BadName(format!("project {m}")))?;
-    let recipe_bytes = pending
-        .read_file(RECIPE_FILE)?
-        .ok_or(RecipeError::Missing)?;
-    let recipe = Recipe::parse(&recipe_bytes)?;
+    let recipe = Recipe::of_tree(|p| {
+        pending
+            .read_file(p)
+            .map_err(|e| RecipeError::Read(e.to_string()))
+    })?;
     let package = match (&recipe.package.name, &sub.package) {
         (Some(n), _) => n.clone(),
         (None, Some(n)) => {
@@ -56,7 +57,24 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
     };
     let mut targets = sub.targets.clone();
     if targets.is_empty() {
-        targets.push(HOST_TARGET.to_string());
+        if recipe.kind() == PackageKind::Deb {
+            // A deb builds on every buildroot target of its project.
+            targets = hub
+                .db
+                .targets(&sub.project)?
+                .into_iter()
+                .filter(|t| t.buildroot != HOST_TARGET)
+                .map(|t| t.name)
+                .collect();
+            if targets.is_empty() {
+                return Err(SubmitError::BadName(format!(
+                    "project {} has no target with a buildroot to build a Debian package on (kiln target add)",
+                    sub.project
+                )));
+            }
+        } else {
+            targets.push(HOST_TARGET.to_string());
+        }
     }
     targets.sort();
     targets.dedup();

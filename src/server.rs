@@ -136,6 +136,17 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<crate::buildroot::BuildrootError> for ApiError {
+    fn from(e: crate::buildroot::BuildrootError) -> Self {
+        use crate::buildroot::BuildrootError as E;
+        match e {
+            E::BadRequest(m) => ApiError::BadRequest(m),
+            E::Db(d) => d.into(),
+            E::Io { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<tokio::task::JoinError> for ApiError {
     fn from(e: tokio::task::JoinError) -> Self {
         ApiError::Internal(format!("worker thread: {e}"))
@@ -194,6 +205,14 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
             get(list_targets).post(add_target),
         )
         .route("/api/v1/projects/{project}/repos/{repo}", get(get_repo))
+        .route("/api/v1/buildroots", get(list_buildroots).post(create_buildroot))
+        .route(
+            "/api/v1/buildroots/{name}",
+            get(get_buildroot).delete(delete_buildroot),
+        )
+        .route("/api/v1/buildroots/{name}/log", get(buildroot_log))
+        .route("/api/v1/buildroots/{name}/refresh", post(refresh_buildroot))
+        .route("/api/v1/buildroots/{name}/import", axum::routing::put(import_buildroot))
         .route("/repos/{project}/key.asc", get(repo_key))
         .route("/repos/{project}/{repo}/{*path}", get(repo_file))
         .route("/cas/sha256/{hex}", get(get_blob))
@@ -538,7 +557,7 @@ async fn add_target(
             ARCHES.join(", ")
         )));
     }
-    if req.buildroot != crate::model::HOST_TARGET {
+    if req.buildroot != crate::model::HOST_TARGET && hub.db.buildroot(&req.buildroot)?.is_none() {
         return Err(ApiError::BadRequest(format!(
             "buildroot {:?} does not exist (kiln buildroot list)",
             req.buildroot
@@ -659,4 +678,146 @@ async fn repo_file(
     };
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     Ok(resp)
+}
+
+/// A buildroot as the API shows it.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BuildrootView {
+    #[serde(flatten)]
+    pub buildroot: crate::model::Buildroot,
+    /// Its files on the hub (current generation).
+    pub path: std::path::PathBuf,
+}
+
+fn buildroot_view(hub: &Hub, b: crate::model::Buildroot) -> BuildrootView {
+    BuildrootView {
+        path: crate::buildroot::root_path(hub, &b),
+        buildroot: b,
+    }
+}
+
+async fn create_buildroot(
+    Caller(_): Caller,
+    State(hub): State<Arc<Hub>>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
+    let req: crate::buildroot::CreateRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("buildroot request: {e}")))?;
+    let h = hub.clone();
+    let br = tokio::task::spawn_blocking(move || crate::buildroot::begin_create(&h, &req)).await??;
+    tokio::spawn(crate::buildroot::run_job(hub.clone(), br.clone(), None));
+    Ok((StatusCode::ACCEPTED, Json(buildroot_view(&hub, br))))
+}
+
+async fn refresh_buildroot(
+    Caller(_): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
+    let mut br = crate::buildroot::begin_refresh(&hub, &name)?;
+    br.state = crate::model::BuildrootState::Creating;
+    hub.db.put_buildroot(&br)?;
+    let mut job = br.clone();
+    // The job keeps `ready` so a failed refresh falls back to the current generation.
+    job.state = crate::model::BuildrootState::Ready;
+    tokio::spawn(crate::buildroot::run_job(hub.clone(), job, None));
+    Ok((StatusCode::ACCEPTED, Json(buildroot_view(&hub, br))))
+}
+
+async fn import_buildroot(
+    Caller(_): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
+    use futures_util::TryStreamExt;
+    use tokio::io::AsyncWriteExt;
+    crate::kinds::validate_name(&name).map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
+    let dir = crate::buildroot::dir(&hub);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let upload = dir.join(format!("{name}.upload"));
+    let max = hub.config.server.max_upload_bytes;
+    let mut f = tokio::fs::File::create(&upload)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut stream = body.into_data_stream();
+    let mut n = 0u64;
+    let fail = |e: ApiError, upload: std::path::PathBuf| async move {
+        let _ = tokio::fs::remove_file(upload).await;
+        Err(e)
+    };
+    loop {
+        match stream.try_next().await {
+            Ok(Some(chunk)) => {
+                n += chunk.len() as u64;
+                if n > max {
+                    return fail(
+                        ApiError::TooLarge(format!("upload larger than {max} bytes")),
+                        upload,
+                    )
+                    .await;
+                }
+                if let Err(e) = f.write_all(&chunk).await {
+                    return fail(ApiError::Internal(e.to_string()), upload).await;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return fail(ApiError::BadRequest(format!("upload: {e}")), upload).await,
+        }
+    }
+    drop(f);
+    let h = hub.clone();
+    let n2 = name.clone();
+    let br = match tokio::task::spawn_blocking(move || crate::buildroot::begin_import(&h, &n2)).await? {
+        Ok(b) => b,
+        Err(e) => return fail(e.into(), upload).await,
+    };
+    tokio::spawn(crate::buildroot::run_job(hub.clone(), br.clone(), Some(upload)));
+    Ok((StatusCode::ACCEPTED, Json(buildroot_view(&hub, br))))
+}
+
+async fn list_buildroots(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+) -> ApiResult<Json<Vec<BuildrootView>>> {
+    let all = hub.db.buildroots()?;
+    Ok(Json(all.into_iter().map(|b| buildroot_view(&hub, b)).collect()))
+}
+
+async fn get_buildroot(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<BuildrootView>> {
+    let b = hub
+        .db
+        .buildroot(&name)?
+        .ok_or_else(|| ApiError::NotFound(format!("buildroot {name} not found")))?;
+    Ok(Json(buildroot_view(&hub, b)))
+}
+
+async fn buildroot_log(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    crate::kinds::validate_name(&name).map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
+    let text = tokio::fs::read(crate::buildroot::log_path(&hub, &name))
+        .await
+        .map_err(|_| ApiError::NotFound(format!("buildroot {name} has no log")))?;
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        text,
+    )
+        .into_response())
+}
+
+async fn delete_buildroot(
+    Caller(_): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::model::Buildroot>> {
+    Ok(Json(crate::buildroot::delete(&hub, &name).await?))
 }

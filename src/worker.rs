@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cas::Cas;
 use crate::db::{DbError, Leased, TaskEnd};
 use crate::hub::Hub;
-use crate::kinds::{RECIPE_FILE, Recipe};
+use crate::kinds::Recipe;
 use crate::logs::LogWriter;
 use crate::model::{Artifact, Build, HOST_TARGET, Outcome, RepoDeb};
 use crate::sandbox::{self, IdMap, RootSpec, Spec};
@@ -257,21 +257,48 @@ async fn execute(
         std::fs::create_dir_all(&od).map_err(prep("creating the output dir"))?;
         let tree = cas.get_tree(&source)?;
         cas.checkout(&tree, &bd, Some(sde))?;
-        let bytes = std::fs::read(bd.join(RECIPE_FILE)).map_err(prep("reading kiln.toml"))?;
-        Recipe::parse(&bytes).map_err(prep("kiln.toml"))
+        Recipe::of_tree(|p| match std::fs::read(bd.join(p)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(crate::kinds::RecipeError::Read(format!("{p}: {e}"))),
+        })
+        .map_err(prep("recipe"))
     })
     .await
     .map_err(prep("checkout"))??;
 
+    // A buildroot target runs on a copy-on-write view of the buildroot, in
+    // the buildroot's id range; `host` on the host's system dirs.
+    let (root, ids) = match target.as_ref().map(|t| t.buildroot.as_str()) {
+        None | Some(HOST_TARGET) => (RootSpec::Host, IdMap::for_slot(slot)),
+        Some(name) => {
+            let br = hub
+                .db
+                .buildroot(name)
+                .map_err(prep("reading the buildroot"))?
+                .filter(|b| b.ready.is_some())
+                .ok_or_else(|| ExecError::Prepare(format!("buildroot {name} is not ready")))?;
+            log.note(&format!(
+                "buildroot {name} (generation {})",
+                br.generation
+            ))?;
+            (
+                RootSpec::Overlay {
+                    lower: crate::buildroot::root_path(hub, &br),
+                },
+                crate::buildroot::ids(),
+            )
+        }
+    };
     let spec = Spec {
-        root: RootSpec::Host,
+        root,
         build_dir: build_dir.clone(),
         out_dir: out_dir.clone(),
         argv: recipe.argv(),
         env: build_env(build),
         cwd: BUILD_DIR.to_string(),
         hostname: "kiln".to_string(),
-        ids: IdMap::for_slot(slot),
+        ids,
         limits: sandbox::cgroup::Limits {
             memory_bytes: limits.memory_limit_bytes,
             pids: limits.pids_limit,
@@ -281,6 +308,7 @@ async fn execute(
         network: Default::default(),
         setup: None,
         binds: vec![],
+        hardening: Default::default(),
         cgroup_name: work
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -312,7 +340,14 @@ async fn execute(
             c.cancel();
         })
     };
-    let ran = sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await;
+    let ran = match recipe.kind() {
+        crate::model::PackageKind::Deb => {
+            run_deb(hub, &spec, &work, tx, run_cancel.clone()).await
+        }
+        crate::model::PackageKind::Script => {
+            sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await
+        }
+    };
     let timed_out = timer.is_finished() && !cancel.is_cancelled();
     timer.abort();
     let (mut log, flooded) = pump.await.map_err(prep("log pump"))??;
@@ -404,6 +439,74 @@ async fn execute(
 /// Copies the build's output into its log until end-of-file. Past `kill_at`
 /// bytes the sandbox is cancelled (the pipe is still drained, so the build
 /// never blocks on it); returns whether that happened.
+/// A `deb` task in two offline sandbox runs on fresh views of its buildroot:
+/// resolve the Build-Depends to .deb URLs, fetch what the cache lacks (the
+/// hub does that, verifying each file's SHA256), then install them and build.
+async fn run_deb(
+    hub: &Arc<Hub>,
+    spec: &Spec,
+    work: &Path,
+    log: std::os::fd::OwnedFd,
+    cancel: CancellationToken,
+) -> Result<sandbox::Outcome, sandbox::SandboxError> {
+    use std::io::Write as _;
+    let dup = |fd: &std::os::fd::OwnedFd| {
+        fd.try_clone().map_err(|source| sandbox::SandboxError::Prepare {
+            what: "duplicating the log fd".into(),
+            source,
+        })
+    };
+    let mut note = std::fs::File::from(dup(&log)?);
+    let deps_out = work.join("deps");
+    let _ = std::fs::create_dir_all(&deps_out);
+    let resolve = Spec {
+        out_dir: deps_out.clone(),
+        argv: vec![
+            "/bin/sh".into(),
+            "-e".into(),
+            "-c".into(),
+            crate::kinds::DEB_RESOLVE_SCRIPT.into(),
+        ],
+        ..spec.clone()
+    };
+    let _ = writeln!(note, "kiln: resolving Build-Depends");
+    let o = sandbox::run(
+        &hub.kiln_exe,
+        &resolve,
+        &work.join("resolve"),
+        dup(&log)?,
+        cancel.clone(),
+    )
+    .await?;
+    if !o.success() {
+        let _ = writeln!(note, "kiln: resolving Build-Depends failed");
+        return Ok(o);
+    }
+    let list = std::fs::read_to_string(deps_out.join(".kiln-deps")).unwrap_or_default();
+    let cache = crate::deps::cache_dir(hub);
+    match crate::deps::fetch(&cache, &list).await {
+        Ok(s) => {
+            let _ = writeln!(
+                note,
+                "kiln: Build-Depends: {} .deb(s), {} downloaded ({} bytes), {} from the cache",
+                s.total, s.downloaded, s.downloaded_bytes, s.cached
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(note, "kiln: fetching Build-Depends failed: {e}");
+            return Ok(sandbox::Outcome::Infra(format!("fetching Build-Depends: {e}")));
+        }
+    }
+    let mut build = spec.clone();
+    build.binds.push(sandbox::Bind {
+        host: cache,
+        path: crate::kinds::DEB_CACHE_DIR.into(),
+        writable: false,
+    });
+    drop(note);
+    sandbox::run(&hub.kiln_exe, &build, work, log, cancel).await
+}
+
 /// The `.deb`s among a task's artifacts, read and indexed for its repo.
 async fn debs_for_repo(
     hub: &Arc<Hub>,

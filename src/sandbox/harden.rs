@@ -15,6 +15,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+use super::Hardening;
 use super::sys::{Context, SetupError};
 
 /// Capabilities a build root keeps (within its user namespace): enough for
@@ -95,9 +96,10 @@ fn arch() -> Result<TargetArch, SetupError> {
 /// Filter 1: the denied calls, and clone/unshare asking for a new user
 /// namespace (which would hand the build a fresh set of capabilities), fail
 /// with EPERM.
-fn deny_filter() -> Result<BpfProgram, SetupError> {
+fn deny_filter(profile: Hardening) -> Result<BpfProgram, SetupError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
         .iter()
+        .filter(|(name, _)| profile == Hardening::Build || !BOOTSTRAP_ALLOWS.contains(name))
         .map(|(_, nr)| (*nr, vec![]))
         .collect();
     let new_user = |arg: u8| -> Result<Vec<SeccompRule>, SetupError> {
@@ -141,13 +143,32 @@ fn caps_err(what: &'static str) -> impl FnOnce(caps::errors::CapsError) -> Setup
     move |e| SetupError::Other(format!("{what}: {e}"))
 }
 
+/// The mount family, allowed to a bootstrap (mmdebstrap's root mode mounts
+/// /proc and binds /dev inside the root it makes).
+const BOOTSTRAP_ALLOWS: &[&str] = &[
+    "mount",
+    "umount2",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+];
+
 /// Applies rlimits, the capability sets and the seccomp filters to the
-/// calling (build) process. Last step before exec.
-pub(super) fn apply() -> Result<(), SetupError> {
+/// calling (build) process. Last step before exec. A bootstrap keeps
+/// CAP_SYS_ADMIN (within its user namespace) and the mount family; new user
+/// namespaces stay refused for it too.
+pub(super) fn apply(profile: Hardening) -> Result<(), SetupError> {
     // No core dumps: they would land in /build and can hold secrets.
     setrlimit(Resource::RLIMIT_CORE, 0, 0).ctx(|| "setrlimit RLIMIT_CORE".into())?;
 
-    let keep: caps::CapsHashSet = KEEP_CAPS.iter().copied().collect();
+    let mut keep: caps::CapsHashSet = KEEP_CAPS.iter().copied().collect();
+    if profile == Hardening::Bootstrap {
+        keep.insert(Capability::CAP_SYS_ADMIN);
+    }
     for cap in caps::all() {
         if !keep.contains(&cap) {
             caps::drop(None, CapSet::Bounding, cap).map_err(caps_err("drop bounding"))?;
@@ -160,7 +181,7 @@ pub(super) fn apply() -> Result<(), SetupError> {
     caps::set(None, CapSet::Permitted, &keep).map_err(caps_err("set permitted"))?;
 
     nix::sys::prctl::set_no_new_privs().ctx(|| "prctl PR_SET_NO_NEW_PRIVS".into())?;
-    let deny = deny_filter()?;
+    let deny = deny_filter(profile)?;
     let clone3 = clone3_filter()?;
     seccompiler::apply_filter(&deny).map_err(seccomp_err)?;
     seccompiler::apply_filter(&clone3).map_err(seccomp_err)?;

@@ -556,7 +556,7 @@ mod build {
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
         nix::unistd::chdir(spec.cwd.as_str()).ctx(|| format!("chdir {}", spec.cwd))?;
         reset_signals()?;
-        harden()?;
+        super::super::harden::apply(spec.hardening)?;
         // Marked close-on-exec rather than closed, so the report pipe still
         // works if exec fails.
         sys::close_from(3, true).ctx(|| "close_range".into())?;
@@ -575,8 +575,4 @@ mod build {
             .ctx(|| "sigprocmask".into())
     }
 
-    /// rlimits, capabilities, no_new_privs and seccomp: last before exec.
-    fn harden() -> Result<(), SetupError> {
-        super::super::harden::apply()
-    }
 }

@@ -120,6 +120,8 @@ pub struct Spec {
     /// Extra host paths, bound after the root is assembled.
     #[serde(default)]
     pub binds: Vec<Bind>,
+    #[serde(default)]
+    pub hardening: Hardening,
 }
 
 impl Spec {
@@ -167,6 +169,18 @@ pub enum Network {
     SetupOnly,
     /// The host's network throughout (bootstrapping a buildroot).
     Host,
+}
+
+/// How much the build process is held back (src/sandbox/harden.rs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hardening {
+    /// Every build: the kept capabilities, the full seccomp deny list.
+    #[default]
+    Build,
+    /// An admin's buildroot bootstrap: also CAP_SYS_ADMIN in its user
+    /// namespace and the mount family of system calls.
+    Bootstrap,
 }
 
 /// A host path made visible inside the sandbox.
@@ -458,6 +472,7 @@ mod tests {
             network: Network::SetupOnly,
             setup: Some(vec!["/bin/true".into()]),
             binds: vec![],
+            hardening: Default::default(),
             ids: IdMap {
                 host_uid: SUBID_BASE,
                 host_gid: SUBID_BASE,

@@ -285,3 +285,31 @@ pub async fn tampering_proxy(
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
 }
+
+/// An HTTP proxy on 127.0.0.1 that forwards every GET to `upstream` (a
+/// mirror URL prefix) and records the paths asked for.
+pub async fn counting_proxy(upstream: &'static str) -> (String, Arc<Mutex<Vec<String>>>) {
+    use axum::body::Bytes;
+    use axum::http::Uri;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let (client, log) = (client.clone(), log.clone());
+        async move {
+            log.lock().unwrap().push(uri.path().to_string());
+            let resp = client.get(format!("{upstream}{uri}")).send().await;
+            match resp {
+                Ok(r) => {
+                    let status = axum::http::StatusCode::from_u16(r.status().as_u16()).unwrap();
+                    (status, r.bytes().await.unwrap_or_default())
+                }
+                Err(_) => (axum::http::StatusCode::BAD_GATEWAY, Bytes::new()),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}

@@ -4,6 +4,7 @@
 mod apt;
 mod harness;
 mod hostile;
+mod debian;
 mod hub;
 mod publish;
 mod repos;

@@ -58,6 +58,7 @@ impl Task {
             network: Default::default(),
             setup: None,
             binds: vec![],
+            hardening: Default::default(),
         }
     }
 

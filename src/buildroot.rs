@@ -1,0 +1,369 @@
+//! Buildroots: named root filesystems that tasks run in, each task on a
+//! fresh copy-on-write view (an overlay, see `sandbox::RootSpec::Overlay`).
+//! Made by bootstrapping Debian (`mmdebstrap`, run in kiln's sandbox with the
+//! host's network for that step only) or by importing a root tarball
+//! (unpacked by `tar` inside the sandbox, so no path in it reaches outside).
+//!
+//! What must stay true:
+//! - A buildroot's files live in `buildroots/<name>.<generation>/` and are
+//!   never written after it became ready; a refresh makes a new generation
+//!   and switches to it. Running tasks keep the view they started with.
+//! - A failed create leaves no files; its record says why (and may be
+//!   replaced by a new create).
+//! - The files are owned by kiln's first id range (slot 0's, see
+//!   `sandbox::IdMap`): tasks on a buildroot map that range whatever their
+//!   slot, so every slot sees root-owned files as root's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::db::DbError;
+use crate::hub::Hub;
+use crate::model::{Buildroot, BuildrootSource, BuildrootState, now_ms};
+use crate::sandbox::{self, Hardening, IdMap, Network, RootSpec, Spec};
+
+/// Bootstraps and imports may take this long.
+const JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildrootError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildrootError {
+    let what = what.into();
+    move |source| BuildrootError::Io { what, source }
+}
+
+/// Where buildroots live in the data dir.
+pub fn dir(hub: &Hub) -> PathBuf {
+    hub.data_dir().join("buildroots")
+}
+
+/// The files of `br`'s current generation.
+pub fn root_path(hub: &Hub, br: &Buildroot) -> PathBuf {
+    dir(hub).join(format!("{}.{}", br.name, br.generation))
+}
+
+/// The log of `br`'s last create, import or refresh.
+pub fn log_path(hub: &Hub, name: &str) -> PathBuf {
+    dir(hub).join(format!("{name}.log"))
+}
+
+/// The id range every buildroot's files and tasks use.
+pub fn ids() -> IdMap {
+    IdMap::for_slot(0)
+}
+
+/// What a create request asks for.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreateRequest {
+    pub name: String,
+    /// Only `debian` so far.
+    pub bootstrap: String,
+    pub suite: String,
+    pub mirror: Option<String>,
+    #[serde(default)]
+    pub include: Vec<String>,
+}
+
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+fn check_word(what: &str, v: &str) -> Result<(), BuildrootError> {
+    crate::kinds::validate_name(v).map_err(|m| BuildrootError::BadRequest(format!("{what} {m}")))
+}
+
+/// Validates a create request and records the buildroot as `creating`.
+pub fn begin_create(hub: &Hub, req: &CreateRequest) -> Result<Buildroot, BuildrootError> {
+    check_word("buildroot", &req.name)?;
+    if req.name == crate::model::HOST_TARGET {
+        return Err(BuildrootError::BadRequest(
+            "buildroot \"host\" is built in (the host's system dirs)".into(),
+        ));
+    }
+    if req.bootstrap != "debian" {
+        return Err(BuildrootError::BadRequest(format!(
+            "bootstrap {:?} is not known; kiln bootstraps \"debian\" (mmdebstrap)",
+            req.bootstrap
+        )));
+    }
+    check_word("suite", &req.suite)?;
+    for p in &req.include {
+        check_word("package", p)?;
+    }
+    let mirror = req.mirror.clone().unwrap_or_else(|| DEFAULT_MIRROR.into());
+    if !(mirror.starts_with("http://") || mirror.starts_with("https://") || mirror.starts_with("file:/"))
+        || mirror.contains(char::is_whitespace)
+    {
+        return Err(BuildrootError::BadRequest(format!(
+            "mirror {mirror:?} is not an http(s):// or file:/ URL"
+        )));
+    }
+    begin(
+        hub,
+        &req.name,
+        BuildrootSource::Debian {
+            suite: req.suite.clone(),
+            mirror,
+            include: req.include.clone(),
+        },
+    )
+}
+
+/// Records an import about to run.
+pub fn begin_import(hub: &Hub, name: &str) -> Result<Buildroot, BuildrootError> {
+    check_word("buildroot", name)?;
+    begin(hub, name, BuildrootSource::Imported)
+}
+
+fn begin(hub: &Hub, name: &str, source: BuildrootSource) -> Result<Buildroot, BuildrootError> {
+    let br = Buildroot {
+        name: name.to_string(),
+        source,
+        state: BuildrootState::Creating,
+        generation: 0,
+        created: now_ms(),
+        ready: None,
+        size: 0,
+    };
+    Ok(hub.db.begin_buildroot(&br)?)
+}
+
+/// Marks a ready buildroot `creating` again for a refresh (a new
+/// bootstrap into the next generation; the current one serves meanwhile).
+pub fn begin_refresh(hub: &Hub, name: &str) -> Result<Buildroot, BuildrootError> {
+    let br = hub
+        .db
+        .buildroot(name)?
+        .ok_or_else(|| DbError::NotFound(format!("buildroot {name}")))?;
+    if !matches!(br.source, BuildrootSource::Debian { .. }) {
+        return Err(BuildrootError::BadRequest(format!(
+            "buildroot {name} was imported; import it again instead"
+        )));
+    }
+    if br.state == BuildrootState::Creating {
+        return Err(BuildrootError::BadRequest(format!(
+            "buildroot {name} is being made already"
+        )));
+    }
+    Ok(br)
+}
+
+/// Runs a bootstrap (or, with `tarball`, an import) to its end in the
+/// background of the hub, then records `ready` or `failed`.
+pub async fn run_job(hub: Arc<Hub>, br: Buildroot, tarball: Option<PathBuf>) {
+    let name = br.name.clone();
+    let next = Buildroot {
+        generation: br.generation + 1,
+        ..br.clone()
+    };
+    let target = root_path(&hub, &next);
+    let result = job(&hub, &next, &target, tarball.as_deref()).await;
+    let mut rec = hub.db.buildroot(&name).ok().flatten().unwrap_or(br.clone());
+    match result {
+        Ok(size) => {
+            // A refresh replaces a generation that was ready.
+            let old = (rec.ready.is_some() && rec.generation > 0).then(|| root_path(&hub, &rec));
+            rec.generation = next.generation;
+            rec.state = BuildrootState::Ready;
+            rec.ready = Some(now_ms());
+            rec.size = size;
+            if let Err(e) = hub.db.put_buildroot(&rec) {
+                tracing::error!(buildroot = %name, error = %e, "cannot record buildroot");
+            }
+            // Tasks still on the old generation keep their (open) view of it.
+            if let Some(old) = old {
+                let _ = tokio::task::spawn_blocking(move || crate::worker::remove_tree(&old)).await;
+            }
+            tracing::info!(buildroot = %name, size, "buildroot ready");
+        }
+        Err(why) => {
+            let t = target.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::worker::remove_tree(&t)).await;
+            append_log(&hub, &name, &format!("kiln: failed: {why}\n"));
+            // A refresh that failed leaves the working generation in place.
+            if rec.ready.is_some() && rec.generation > 0 {
+                rec.state = BuildrootState::Ready;
+            } else {
+                rec.state = BuildrootState::Failed(why.clone());
+            }
+            let _ = hub.db.put_buildroot(&rec);
+            tracing::warn!(buildroot = %name, %why, "buildroot failed");
+        }
+    }
+    if let Some(t) = tarball {
+        let _ = std::fs::remove_file(t);
+    }
+    hub.changed();
+}
+
+fn append_log(hub: &Hub, name: &str, line: &str) {
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log_path(hub, name))
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// Makes `target`; returns its size in bytes, or why it failed.
+async fn job(
+    hub: &Arc<Hub>,
+    br: &Buildroot,
+    target: &Path,
+    tarball: Option<&Path>,
+) -> Result<u64, String> {
+    let work = dir(hub).join(format!("{}.job", br.name));
+    let _ = crate::worker::remove_tree(&work);
+    let build = work.join("build");
+    let setup = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&build)?;
+        if target.exists() {
+            crate::worker::remove_tree(target)?;
+        }
+        std::fs::create_dir_all(target)?;
+        // The root dir itself, like any root: 0755.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))
+    };
+    setup().map_err(|e| format!("preparing {}: {e}", target.display()))?;
+    let log = std::fs::File::create(log_path(hub, &br.name))
+        .map_err(|e| format!("creating the log: {e}"))?;
+    let (argv, network, hardening, binds) = match (&br.source, tarball) {
+        (BuildrootSource::Debian { suite, mirror, include }, _) => {
+            let mut argv: Vec<String> = [
+                "/usr/bin/mmdebstrap",
+                "--mode=root",
+                "--variant=buildd",
+                // Tasks resolve Build-Depends offline from these lists.
+                "--skip=cleanup/apt/lists",
+                "--skip=output/dev",
+            ]
+            .map(String::from)
+            .to_vec();
+            if !include.is_empty() {
+                argv.push(format!("--include={}", include.join(",")));
+            }
+            argv.extend([suite.clone(), "/out".into(), mirror.clone()]);
+            (argv, Network::Host, Hardening::Bootstrap, vec![])
+        }
+        (BuildrootSource::Imported, Some(tar)) => {
+            let argv = [
+                "/bin/tar",
+                "-x",
+                "-p",
+                "--numeric-owner",
+                "--auto-compress",
+                "-f",
+                "/build/rootfs.tar",
+                "-C",
+                "/out",
+                "--exclude=./dev/*",
+                "--exclude=dev/*",
+            ]
+            .map(String::from)
+            .to_vec();
+            let bind = sandbox::Bind {
+                host: tar.to_owned(),
+                path: "/build/rootfs.tar".into(),
+                writable: false,
+            };
+            (argv, Network::Loopback, Hardening::Build, vec![bind])
+        }
+        (BuildrootSource::Imported, None) => return Err("no tarball to import".into()),
+    };
+    let spec = Spec {
+        root: RootSpec::Host,
+        build_dir: build.clone(),
+        out_dir: target.to_owned(),
+        argv,
+        env: vec![
+            ("PATH".into(), crate::worker::SANDBOX_PATH.into()),
+            ("HOME".into(), "/".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TZ".into(), "UTC".into()),
+        ],
+        cwd: "/build".into(),
+        hostname: "kiln".into(),
+        ids: ids(),
+        limits: Default::default(),
+        cgroup_name: String::new(),
+        disk_bytes: None,
+        network,
+        setup: None,
+        binds,
+        hardening,
+    };
+    let cancel = CancellationToken::new();
+    let timer = {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(JOB_TIMEOUT).await;
+            c.cancel();
+        })
+    };
+    let ran = sandbox::run(&hub.kiln_exe, &spec, &work, log.into(), cancel).await;
+    timer.abort();
+    let _ = crate::worker::remove_tree(&work);
+    match ran {
+        Ok(o) if o.success() => {}
+        Ok(o) => return Err(format!("{} ended with {o}", spec.argv[0])),
+        Err(e) => return Err(e.to_string()),
+    }
+    let t = target.to_owned();
+    let size = tokio::task::spawn_blocking(move || tree_size(&t))
+        .await
+        .map_err(|e| e.to_string())?;
+    if !target.join("usr").is_dir() {
+        return Err("the result has no /usr: not a root filesystem".into());
+    }
+    Ok(size)
+}
+
+fn tree_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut n = meta.size();
+    if meta.is_dir()
+        && let Ok(rd) = std::fs::read_dir(path)
+    {
+        for e in rd.flatten() {
+            n += tree_size(&e.path());
+        }
+    }
+    n
+}
+
+/// Deletes a buildroot no target uses, record and files.
+pub async fn delete(hub: &Arc<Hub>, name: &str) -> Result<Buildroot, BuildrootError> {
+    let br = hub.db.buildroot(name)?;
+    if br.as_ref().is_some_and(|b| b.state == BuildrootState::Creating) {
+        return Err(BuildrootError::BadRequest(format!(
+            "buildroot {name} is being made; delete it when that ends"
+        )));
+    }
+    let br = hub.db.delete_buildroot(name)?;
+    let (root, log) = (root_path(hub, &br), log_path(hub, name));
+    tokio::task::spawn_blocking(move || {
+        let _ = crate::worker::remove_tree(&root);
+        let _ = std::fs::remove_file(log);
+    })
+    .await
+    .map_err(|e| io("removing files")(std::io::Error::other(e)))?;
+    hub.changed();
+    Ok(br)
+}
