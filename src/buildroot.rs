@@ -102,7 +102,9 @@ pub fn begin_create(hub: &Hub, req: &CreateRequest) -> Result<Buildroot, Buildro
         check_word("package", p)?;
     }
     let mirror = req.mirror.clone().unwrap_or_else(|| DEFAULT_MIRROR.into());
-    if !(mirror.starts_with("http://") || mirror.starts_with("https://") || mirror.starts_with("file:/"))
+    if !(mirror.starts_with("http://")
+        || mirror.starts_with("https://")
+        || mirror.starts_with("file:/"))
         || mirror.contains(char::is_whitespace)
     {
         return Err(BuildrootError::BadRequest(format!(
@@ -242,7 +244,14 @@ async fn job(
     let log = std::fs::File::create(log_path(hub, &br.name))
         .map_err(|e| format!("creating the log: {e}"))?;
     let (argv, network, hardening, binds) = match (&br.source, tarball) {
-        (BuildrootSource::Debian { suite, mirror, include }, _) => {
+        (
+            BuildrootSource::Debian {
+                suite,
+                mirror,
+                include,
+            },
+            _,
+        ) => {
             let mut argv: Vec<String> = [
                 "/usr/bin/mmdebstrap",
                 "--mode=root",
@@ -351,7 +360,10 @@ fn tree_size(path: &Path) -> u64 {
 /// Deletes a buildroot no target uses, record and files.
 pub async fn delete(hub: &Arc<Hub>, name: &str) -> Result<Buildroot, BuildrootError> {
     let br = hub.db.buildroot(name)?;
-    if br.as_ref().is_some_and(|b| b.state == BuildrootState::Creating) {
+    if br
+        .as_ref()
+        .is_some_and(|b| b.state == BuildrootState::Creating)
+    {
         return Err(BuildrootError::BadRequest(format!(
             "buildroot {name} is being made; delete it when that ends"
         )));

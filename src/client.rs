@@ -12,7 +12,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cas::Digest;
 use crate::model::{Artifact, Build, Target};
 use crate::server::{
-    BuildView, BuildrootView, ErrorBody, Health, RepoView, TargetRequest, TokenCreated, TokenRequest,
+    BuildView, BuildrootView, ErrorBody, Health, RepoView, TargetRequest, TokenCreated,
+    TokenRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +184,9 @@ impl Client {
         &self,
         req: &crate::buildroot::CreateRequest,
     ) -> Result<BuildrootView> {
-        let rb = self.req(reqwest::Method::POST, "/api/v1/buildroots").json(req);
+        let rb = self
+            .req(reqwest::Method::POST, "/api/v1/buildroots")
+            .json(req);
         self.json(rb).await
     }
 
@@ -197,7 +200,10 @@ impl Client {
         })?;
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
         let rb = self
-            .req(reqwest::Method::PUT, &format!("/api/v1/buildroots/{name}/import"))
+            .req(
+                reqwest::Method::PUT,
+                &format!("/api/v1/buildroots/{name}/import"),
+            )
             .body(body);
         self.json(rb).await
     }
@@ -221,7 +227,10 @@ impl Client {
     }
 
     pub async fn delete_buildroot(&self, name: &str) -> Result<crate::model::Buildroot> {
-        let rb = self.req(reqwest::Method::DELETE, &format!("/api/v1/buildroots/{name}"));
+        let rb = self.req(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/buildroots/{name}"),
+        );
         self.json(rb).await
     }
 

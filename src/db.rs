@@ -16,8 +16,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::cas::Digest;
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, Lease, Outcome,
-    Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token,
-    now_ms,
+    Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token, now_ms,
 };
 
 /// Bumped whenever a stored type changes shape; `Db::open` refuses files from
@@ -569,8 +568,8 @@ impl Db {
                 }
             }
             let mut t = tx.open_table(BUILDROOTS)?;
-            let br: Buildroot = get_rec(&t, name)?
-                .ok_or_else(|| DbError::NotFound(format!("buildroot {name}")))?;
+            let br: Buildroot =
+                get_rec(&t, name)?.ok_or_else(|| DbError::NotFound(format!("buildroot {name}")))?;
             t.remove(name)?;
             br
         };

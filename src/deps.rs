@@ -93,9 +93,7 @@ pub async fn fetch(cache: &Path, list: &str) -> Result<FetchStats, DepsError> {
     };
     let missing: Vec<Wanted> = wanted
         .into_iter()
-        .filter(|w| {
-            std::fs::metadata(cache.join(&w.file)).map(|m| m.len()).ok() != Some(w.size)
-        })
+        .filter(|w| std::fs::metadata(cache.join(&w.file)).map(|m| m.len()).ok() != Some(w.size))
         .collect();
     stats.cached = stats.total - missing.len();
     let client = reqwest::Client::new();

@@ -14,8 +14,7 @@ pub const DEB_CONTROL: &str = "debian/control";
 
 /// Phase 1 of a `deb` task, offline in the buildroot: the .debs its
 /// Build-Depends need, as apt's `'URI' file size SHA256:hex` lines.
-pub const DEB_RESOLVE_SCRIPT: &str =
-    "apt-get build-dep --print-uris -qq -o Debug::NoLocking=1 ./ > /out/.kiln-deps";
+pub const DEB_RESOLVE_SCRIPT: &str = "apt-get build-dep --print-uris -qq -o Debug::NoLocking=1 -o Acquire::ForceHash=SHA256 ./ > /out/.kiln-deps";
 /// Where phase 2 finds the fetched .debs (read-only).
 pub const DEB_CACHE_DIR: &str = "/var/cache/kiln-debs";
 /// Phase 2, offline: install Build-Depends from the fetched .debs, build
@@ -161,7 +160,9 @@ impl Recipe {
             .take_while(|l| !l.trim().is_empty())
             .find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case("Source").then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case("Source")
+                    .then(|| v.trim().to_string())
             })
             .ok_or_else(|| bad("no Source: field in its first paragraph".into()))?;
         validate_name(&source).map_err(|m| bad(format!("Source {m}")))?;

@@ -304,7 +304,8 @@ pub struct Buildroot {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+// Externally tagged: postcard cannot read internally tagged enums.
+#[serde(rename_all = "snake_case")]
 pub enum BuildrootSource {
     /// `mmdebstrap --variant=buildd SUITE DIR MIRROR` (plus `include`).
     Debian {

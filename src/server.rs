@@ -205,14 +205,20 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
             get(list_targets).post(add_target),
         )
         .route("/api/v1/projects/{project}/repos/{repo}", get(get_repo))
-        .route("/api/v1/buildroots", get(list_buildroots).post(create_buildroot))
+        .route(
+            "/api/v1/buildroots",
+            get(list_buildroots).post(create_buildroot),
+        )
         .route(
             "/api/v1/buildroots/{name}",
             get(get_buildroot).delete(delete_buildroot),
         )
         .route("/api/v1/buildroots/{name}/log", get(buildroot_log))
         .route("/api/v1/buildroots/{name}/refresh", post(refresh_buildroot))
-        .route("/api/v1/buildroots/{name}/import", axum::routing::put(import_buildroot))
+        .route(
+            "/api/v1/buildroots/{name}/import",
+            axum::routing::put(import_buildroot),
+        )
         .route("/repos/{project}/key.asc", get(repo_key))
         .route("/repos/{project}/{repo}/{*path}", get(repo_file))
         .route("/cas/sha256/{hex}", get(get_blob))
@@ -704,7 +710,8 @@ async fn create_buildroot(
     let req: crate::buildroot::CreateRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("buildroot request: {e}")))?;
     let h = hub.clone();
-    let br = tokio::task::spawn_blocking(move || crate::buildroot::begin_create(&h, &req)).await??;
+    let br =
+        tokio::task::spawn_blocking(move || crate::buildroot::begin_create(&h, &req)).await??;
     tokio::spawn(crate::buildroot::run_job(hub.clone(), br.clone(), None));
     Ok((StatusCode::ACCEPTED, Json(buildroot_view(&hub, br))))
 }
@@ -732,7 +739,8 @@ async fn import_buildroot(
 ) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
     use futures_util::TryStreamExt;
     use tokio::io::AsyncWriteExt;
-    crate::kinds::validate_name(&name).map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
+    crate::kinds::validate_name(&name)
+        .map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
     let dir = crate::buildroot::dir(&hub);
     tokio::fs::create_dir_all(&dir)
         .await
@@ -770,11 +778,16 @@ async fn import_buildroot(
     drop(f);
     let h = hub.clone();
     let n2 = name.clone();
-    let br = match tokio::task::spawn_blocking(move || crate::buildroot::begin_import(&h, &n2)).await? {
-        Ok(b) => b,
-        Err(e) => return fail(e.into(), upload).await,
-    };
-    tokio::spawn(crate::buildroot::run_job(hub.clone(), br.clone(), Some(upload)));
+    let br =
+        match tokio::task::spawn_blocking(move || crate::buildroot::begin_import(&h, &n2)).await? {
+            Ok(b) => b,
+            Err(e) => return fail(e.into(), upload).await,
+        };
+    tokio::spawn(crate::buildroot::run_job(
+        hub.clone(),
+        br.clone(),
+        Some(upload),
+    ));
     Ok((StatusCode::ACCEPTED, Json(buildroot_view(&hub, br))))
 }
 
@@ -783,7 +796,9 @@ async fn list_buildroots(
     State(hub): State<Arc<Hub>>,
 ) -> ApiResult<Json<Vec<BuildrootView>>> {
     let all = hub.db.buildroots()?;
-    Ok(Json(all.into_iter().map(|b| buildroot_view(&hub, b)).collect()))
+    Ok(Json(
+        all.into_iter().map(|b| buildroot_view(&hub, b)).collect(),
+    ))
 }
 
 async fn get_buildroot(
@@ -803,12 +818,16 @@ async fn buildroot_log(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    crate::kinds::validate_name(&name).map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
+    crate::kinds::validate_name(&name)
+        .map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
     let text = tokio::fs::read(crate::buildroot::log_path(&hub, &name))
         .await
         .map_err(|_| ApiError::NotFound(format!("buildroot {name} has no log")))?;
     Ok((
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
         text,
     )
         .into_response())

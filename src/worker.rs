@@ -278,10 +278,7 @@ async fn execute(
                 .map_err(prep("reading the buildroot"))?
                 .filter(|b| b.ready.is_some())
                 .ok_or_else(|| ExecError::Prepare(format!("buildroot {name} is not ready")))?;
-            log.note(&format!(
-                "buildroot {name} (generation {})",
-                br.generation
-            ))?;
+            log.note(&format!("buildroot {name} (generation {})", br.generation))?;
             (
                 RootSpec::Overlay {
                     lower: crate::buildroot::root_path(hub, &br),
@@ -341,9 +338,7 @@ async fn execute(
         })
     };
     let ran = match recipe.kind() {
-        crate::model::PackageKind::Deb => {
-            run_deb(hub, &spec, &work, tx, run_cancel.clone()).await
-        }
+        crate::model::PackageKind::Deb => run_deb(hub, &spec, &work, tx, run_cancel.clone()).await,
         crate::model::PackageKind::Script => {
             sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await
         }
@@ -451,10 +446,11 @@ async fn run_deb(
 ) -> Result<sandbox::Outcome, sandbox::SandboxError> {
     use std::io::Write as _;
     let dup = |fd: &std::os::fd::OwnedFd| {
-        fd.try_clone().map_err(|source| sandbox::SandboxError::Prepare {
-            what: "duplicating the log fd".into(),
-            source,
-        })
+        fd.try_clone()
+            .map_err(|source| sandbox::SandboxError::Prepare {
+                what: "duplicating the log fd".into(),
+                source,
+            })
     };
     let mut note = std::fs::File::from(dup(&log)?);
     let deps_out = work.join("deps");
@@ -494,7 +490,9 @@ async fn run_deb(
         }
         Err(e) => {
             let _ = writeln!(note, "kiln: fetching Build-Depends failed: {e}");
-            return Ok(sandbox::Outcome::Infra(format!("fetching Build-Depends: {e}")));
+            return Ok(sandbox::Outcome::Infra(format!(
+                "fetching Build-Depends: {e}"
+            )));
         }
     }
     let mut build = spec.clone();

@@ -574,5 +574,4 @@ mod build {
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
             .ctx(|| "sigprocmask".into())
     }
-
 }

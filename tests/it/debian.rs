@@ -38,7 +38,9 @@ async fn wait_ready(h: &TestHub, name: &str) -> kiln::server::BuildrootView {
 fn hello_source(mirror: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let apt = Apt::new(
         &dir.join("apt"),
-        &format!("deb-src {mirror}/debian bookworm main"),
+        &format!(
+            "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror}/debian bookworm main"
+        ),
         "",
     );
     let o = apt.run("apt-get", &["update"]);
@@ -118,10 +120,7 @@ async fn hello_builds_publishes_and_installs_with_real_apt() {
         let (client, src) = (h.client.clone(), src.clone());
         async move {
             let b = client.submit_dir(&src, Some("deb"), None).await.unwrap();
-            client
-                .wait(b.id, Duration::from_secs(900))
-                .await
-                .unwrap()
+            client.wait(b.id, Duration::from_secs(900)).await.unwrap()
         }
     };
     let v = build(&h).await;
@@ -130,7 +129,10 @@ async fn hello_builds_publishes_and_installs_with_real_apt() {
     assert_eq!(v.detail.build.package, "hello");
     let arts = h.client.artifacts(v.detail.build.id).await.unwrap();
     for ext in [".deb", ".buildinfo", ".changes"] {
-        assert!(arts.iter().any(|a| a.path.ends_with(ext)), "no {ext}: {arts:?}");
+        assert!(
+            arts.iter().any(|a| a.path.ends_with(ext)),
+            "no {ext}: {arts:?}"
+        );
     }
     assert!(log.contains("downloaded"), "{log}");
 

@@ -2,9 +2,9 @@
 //! real hub on a loopback port, real redb files, real sandboxes).
 
 mod apt;
+mod debian;
 mod harness;
 mod hostile;
-mod debian;
 mod hub;
 mod publish;
 mod repos;
