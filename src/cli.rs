@@ -64,8 +64,112 @@ pub async fn submit(
     dir: &Path,
     project: Option<&str>,
     package: Option<&str>,
+    targets: &[String],
 ) -> anyhow::Result<Build> {
-    Ok(client.submit_dir(dir, project, package).await?)
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    Ok(client
+        .submit_dir_to(dir, project, package, &targets)
+        .await?)
+}
+
+/// Prints a buildroot job's log as it grows until the buildroot is ready
+/// (exit 0) or failed (exit 1).
+pub async fn follow_buildroot(client: &Client, name: &str) -> anyhow::Result<i32> {
+    use std::io::Write as _;
+    let mut shown = 0usize;
+    loop {
+        let b = client.buildroot(name).await?;
+        let log = client.buildroot_log(name).await.unwrap_or_default();
+        if log.len() > shown {
+            print!("{}", &log[shown..]);
+            let _ = std::io::stdout().flush();
+            shown = log.len();
+        }
+        match &b.buildroot.state {
+            crate::model::BuildrootState::Creating => {}
+            crate::model::BuildrootState::Ready => {
+                eprintln!(
+                    "kiln: buildroot {name} ready (generation {}, {} MB)",
+                    b.buildroot.generation,
+                    b.buildroot.size >> 20
+                );
+                return Ok(0);
+            }
+            crate::model::BuildrootState::Failed(why) => {
+                eprintln!("kiln: buildroot {name} failed: {why}");
+                return Ok(1);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn buildroot_state(b: &crate::model::Buildroot) -> String {
+    match &b.state {
+        crate::model::BuildrootState::Creating => "creating".into(),
+        crate::model::BuildrootState::Ready => "ready".into(),
+        crate::model::BuildrootState::Failed(why) => format!("failed: {why}"),
+    }
+}
+
+pub async fn buildroot_list(client: &Client) -> anyhow::Result<()> {
+    for b in client.buildroots().await? {
+        let b = b.buildroot;
+        println!(
+            "{}\t{}\tgeneration {}\t{} MB",
+            b.name,
+            buildroot_state(&b),
+            b.generation,
+            b.size >> 20
+        );
+    }
+    Ok(())
+}
+
+pub async fn buildroot_show(client: &Client, name: &str) -> anyhow::Result<()> {
+    let v = client.buildroot(name).await?;
+    let b = &v.buildroot;
+    println!("buildroot {}: {}", b.name, buildroot_state(b));
+    match &b.source {
+        crate::model::BuildrootSource::Debian {
+            suite,
+            mirror,
+            include,
+        } => println!(
+            "source: debian {suite} from {mirror} (+{})",
+            include.join(",")
+        ),
+        crate::model::BuildrootSource::Imported => println!("source: imported tarball"),
+    }
+    println!(
+        "generation {}, {} MB, at {}",
+        b.generation,
+        b.size >> 20,
+        v.path.display()
+    );
+    if let Some(r) = b.ready {
+        println!("ready since {}", crate::model::format_ms(r));
+    }
+    Ok(())
+}
+
+pub async fn repo_show(client: &Client, project: &str, repo: &str) -> anyhow::Result<()> {
+    let v = client.repo(project, repo).await?;
+    println!(
+        "repo {project}/{repo}: {} package(s), architectures {}",
+        v.packages.len(),
+        v.repo.architectures.join(" ")
+    );
+    for p in &v.packages {
+        println!(
+            "  {} {} {} (build {})",
+            p.package, p.version, p.arch, p.build
+        );
+    }
+    println!("\nkey:  {}", v.sources.key_install);
+    println!("list: {}", v.sources.list_line);
+    println!("deb822:\n{}", v.sources.deb822);
+    Ok(())
 }
 
 /// Follows a build's log to stdout until it ends; returns the exit code.

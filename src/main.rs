@@ -46,6 +46,75 @@ enum Cmd {
     Token(TokenCmd),
     /// Print the effective configuration (file, environment, defaults).
     CheckConfig(ServeArgs),
+    /// Root filesystems builds run in: bootstrap, import, list, show, delete, refresh.
+    #[command(subcommand)]
+    Buildroot(BuildrootCmd),
+    /// A project's targets: buildroot + arch + the repo results publish into.
+    #[command(subcommand)]
+    Target(TargetCmd),
+    /// A project's signed apt repositories.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+}
+
+#[derive(Subcommand)]
+enum BuildrootCmd {
+    /// Bootstrap a root (mmdebstrap, buildd variant) and follow its progress.
+    Create {
+        name: String,
+        /// Only `debian` so far.
+        #[arg(long, default_value = "debian")]
+        bootstrap: String,
+        #[arg(long)]
+        suite: String,
+        /// Default http://deb.debian.org/debian.
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Extra packages, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+    },
+    /// Import a root filesystem tarball (.tar, .tar.zst, .tar.gz, .tar.xz).
+    Import {
+        name: String,
+        tarball: PathBuf,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Bootstrap a new generation and switch to it (the current one serves meanwhile).
+    Refresh {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TargetCmd {
+    /// Add a target (its repo and the project's signing key come with it).
+    Add {
+        project: String,
+        name: String,
+        #[arg(long)]
+        buildroot: String,
+        #[arg(long, default_value = "amd64")]
+        arch: String,
+        /// Default: the target's name.
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    List {
+        project: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RepoCmd {
+    /// A repo's packages and the lines that make apt use it.
+    Show { project: String, repo: String },
 }
 
 #[derive(Args)]
@@ -86,6 +155,10 @@ enum BuildCmd {
         /// Package name (default: kiln.toml's [package] name, else the directory's name).
         #[arg(long)]
         package: Option<String>,
+        /// Targets of the project to build for, comma-separated (default:
+        /// `host` for kiln.toml trees, every buildroot target for Debian trees).
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
         /// Follow the log after submitting.
         #[arg(long)]
         watch: bool,
@@ -197,11 +270,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     dir,
                     project,
                     package,
+                    target,
                     watch,
                 } => {
                     let c = client();
                     let b =
-                        kiln::cli::submit(&c, dir, project.as_deref(), package.as_deref()).await?;
+                        kiln::cli::submit(&c, dir, project.as_deref(), package.as_deref(), target)
+                            .await?;
                     println!("{}", b.id);
                     if *watch {
                         return kiln::cli::watch(&c, b.id).await;
@@ -219,6 +294,69 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Token(TokenCmd::Create { name, admin }) => {
             kiln::cli::token_create(&client(), name, *admin).await?
+        }
+        Cmd::Buildroot(b) => {
+            let c = client();
+            match b {
+                BuildrootCmd::Create {
+                    name,
+                    bootstrap,
+                    suite,
+                    mirror,
+                    include,
+                } => {
+                    let req = kiln::buildroot::CreateRequest {
+                        name: name.clone(),
+                        bootstrap: bootstrap.clone(),
+                        suite: suite.clone(),
+                        mirror: mirror.clone(),
+                        include: include.clone(),
+                    };
+                    c.create_buildroot(&req).await?;
+                    return kiln::cli::follow_buildroot(&c, name).await;
+                }
+                BuildrootCmd::Import { name, tarball } => {
+                    c.import_buildroot(name, tarball).await?;
+                    return kiln::cli::follow_buildroot(&c, name).await;
+                }
+                BuildrootCmd::Refresh { name } => {
+                    c.refresh_buildroot(name).await?;
+                    return kiln::cli::follow_buildroot(&c, name).await;
+                }
+                BuildrootCmd::List => kiln::cli::buildroot_list(&c).await?,
+                BuildrootCmd::Show { name } => kiln::cli::buildroot_show(&c, name).await?,
+                BuildrootCmd::Delete { name } => {
+                    c.delete_buildroot(name).await?;
+                    println!("deleted buildroot {name}");
+                }
+            }
+        }
+        Cmd::Target(TargetCmd::Add {
+            project,
+            name,
+            buildroot,
+            arch,
+            repo,
+        }) => {
+            let req = kiln::server::TargetRequest {
+                name: name.clone(),
+                buildroot: buildroot.clone(),
+                arch: arch.clone(),
+                repo: repo.clone(),
+            };
+            let t = client().add_target(project, &req).await?;
+            println!(
+                "target {}/{}: buildroot {}, arch {}, repo {}",
+                t.project, t.name, t.buildroot, t.arch, t.repo
+            );
+        }
+        Cmd::Target(TargetCmd::List { project }) => {
+            for t in client().targets(project).await? {
+                println!("{}	{}	{}	{}", t.name, t.buildroot, t.arch, t.repo);
+            }
+        }
+        Cmd::Repo(RepoCmd::Show { project, repo }) => {
+            kiln::cli::repo_show(&client(), project, repo).await?
         }
     }
     Ok(0)
