@@ -59,17 +59,34 @@ pub fn check_config(config: &Config) {
     print!("{}", config.to_toml());
 }
 
+/// What `kiln build submit` builds.
+pub enum Source<'a> {
+    /// A directory or a `.dsc`.
+    Path(&'a Path),
+    /// A git URL and ref the hub fetches.
+    Git(&'a str, Option<&'a str>),
+}
+
 pub async fn submit(
     client: &Client,
-    dir: &Path,
+    source: Source<'_>,
     project: Option<&str>,
     package: Option<&str>,
     targets: &[String],
 ) -> anyhow::Result<Build> {
     let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
-    Ok(client
-        .submit_dir_to(dir, project, package, &targets)
-        .await?)
+    Ok(match source {
+        Source::Path(dir) => {
+            client
+                .submit_dir_to(dir, project, package, &targets)
+                .await?
+        }
+        Source::Git(url, git_ref) => {
+            client
+                .submit_git(url, git_ref, project, package, &targets)
+                .await?
+        }
+    })
 }
 
 /// Prints a buildroot job's log as it grows until the buildroot is ready
@@ -345,6 +362,7 @@ pub async fn build_local(dir: &Path, out: &Path, data: Option<PathBuf>) -> anyho
             project: crate::model::DEFAULT_PROJECT.into(),
             package,
             submitted_by: "local".into(),
+            origin: None,
             targets: vec![],
         };
         Ok(crate::scheduler::submit(&h, sub, pending?)?)

@@ -125,7 +125,36 @@ impl Client {
         targets: &[&str],
         body: reqwest::Body,
     ) -> Result<Build> {
-        let mut q = Vec::new();
+        self.submit_query(project, package, targets, vec![], body)
+            .await
+    }
+
+    /// Has the hub fetch `git_ref` (default: HEAD) of the git `url` and
+    /// build the commit it names now.
+    pub async fn submit_git(
+        &self,
+        url: &str,
+        git_ref: Option<&str>,
+        project: Option<&str>,
+        package: Option<&str>,
+        targets: &[&str],
+    ) -> Result<Build> {
+        let mut q = vec![("git", url.to_string())];
+        if let Some(r) = git_ref {
+            q.push(("ref", r.to_string()));
+        }
+        self.submit_query(project, package, targets, q, reqwest::Body::from(""))
+            .await
+    }
+
+    async fn submit_query(
+        &self,
+        project: Option<&str>,
+        package: Option<&str>,
+        targets: &[&str],
+        mut q: Vec<(&str, String)>,
+        body: reqwest::Body,
+    ) -> Result<Build> {
         if let Some(p) = project {
             q.push(("project", p.to_string()));
         }
@@ -168,6 +197,9 @@ impl Client {
                 format!("{}: {e}", dir.display()),
             ))
         })?;
+        if meta.is_file() && dir.extension().is_some_and(|e| e == "dsc") {
+            return self.submit_dsc_to(dir, project, targets).await;
+        }
         if !meta.is_dir() {
             return Err(ClientError::Io(std::io::Error::other(format!(
                 "{} is not a directory",
@@ -178,6 +210,38 @@ impl Client {
         let package = package.or(default_name.as_deref());
         let body = reqwest::Body::wrap_stream(tar_stream(dir.to_owned()));
         self.submit_tar_to(project, package, targets, body).await
+    }
+
+    /// Submits a Debian source package: the `.dsc` and the files it names,
+    /// from the same directory. The hub checks their checksums.
+    pub async fn submit_dsc_to(
+        &self,
+        dsc: &Path,
+        project: Option<&str>,
+        targets: &[&str],
+    ) -> Result<Build> {
+        let io = |e: std::io::Error| {
+            ClientError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", dsc.display()),
+            ))
+        };
+        let text = std::fs::read(dsc).map_err(io)?;
+        let dir = dsc
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut names = vec![dsc.file_name().unwrap_or_default().to_owned()];
+        for f in crate::kinds::dsc_files(&text).map_err(|e| io(std::io::Error::other(e)))? {
+            if !dir.join(&f).is_file() {
+                return Err(io(std::io::Error::other(format!(
+                    "{f}, which it names, is not beside it"
+                ))));
+            }
+            names.push(f.into());
+        }
+        let body = reqwest::Body::wrap_stream(tar_stream_of(dir.to_owned(), Some(names)));
+        self.submit_tar_to(project, None, targets, body).await
     }
 
     pub async fn create_buildroot(
@@ -406,13 +470,22 @@ impl std::io::Write for ChannelWriter {
 
 /// A tar of `dir` as a stream, made on a blocking thread.
 pub fn tar_stream(dir: PathBuf) -> impl Stream<Item = std::io::Result<Bytes>> {
+    tar_stream_of(dir, None)
+}
+
+/// [`tar_stream`] of only the named top-level entries of `dir`.
+fn tar_stream_of(
+    dir: PathBuf,
+    only: Option<Vec<std::ffi::OsString>>,
+) -> impl Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter {
             tx: tx.clone(),
             buf: Vec::new(),
         };
-        let res = crate::cas::tar_dir(&dir, &mut w).and_then(|_| std::io::Write::flush(&mut w));
+        let res =
+            crate::cas::tar_entries(&dir, only, &mut w).and_then(|_| std::io::Write::flush(&mut w));
         if let Err(e) = res {
             let _ = tx.blocking_send(Err(e));
         }

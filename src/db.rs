@@ -43,6 +43,9 @@ const REPO_DEBS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::n
 const REPO_FILES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_files");
 /// name → Buildroot.
 const BUILDROOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("buildroots");
+/// Build id → where its source came from (git URL, ref, commit), for builds
+/// whose source was not an upload.
+const BUILD_ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("build_origins");
 /// project → its OpenPGP signing key (armored secret key).
 const PROJECT_KEYS: TableDefinition<&str, &str> = TableDefinition::new("project_keys");
 
@@ -179,6 +182,7 @@ impl Db {
             tx.open_table(REPO_FILES)?;
             tx.open_table(PROJECT_KEYS)?;
             tx.open_table(BUILDROOTS)?;
+            tx.open_table(BUILD_ORIGINS)?;
         }
         tx.commit()?;
         Ok(Db { db })
@@ -236,6 +240,7 @@ impl Db {
         source_date_epoch: i64,
         submitted_by: &str,
         targets: &[&str],
+        origin: Option<&crate::gitsrc::GitOrigin>,
     ) -> Result<Build> {
         let now = now_ms();
         let tx = self.db.begin_write()?;
@@ -300,6 +305,9 @@ impl Db {
                 tasks: task_ids,
             };
             tx.open_table(BUILDS)?.insert(id, enc(&build).as_slice())?;
+            if let Some(o) = origin {
+                tx.open_table(BUILD_ORIGINS)?.insert(id, enc(o).as_slice())?;
+            }
             build
         };
         tx.commit()?;
@@ -320,7 +328,12 @@ impl Db {
         for t in &build.tasks {
             task_list.push(get_rec(&tasks, *t)?.ok_or(DbError::TaskNotFound(*t))?);
         }
-        Ok(BuildDetail { build, task_list })
+        let origin = get_rec(&tx.open_table(BUILD_ORIGINS)?, id)?;
+        Ok(BuildDetail {
+            build,
+            task_list,
+            origin,
+        })
     }
 
     /// Builds newest first, starting below `before` (exclusive), at most

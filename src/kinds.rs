@@ -5,6 +5,7 @@
 use globset::{GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
+use crate::cas::{EntryKind, Tree, TreeEntry};
 use crate::model::PackageKind;
 
 /// The recipe file at the top of every source tree.
@@ -12,23 +13,50 @@ pub const RECIPE_FILE: &str = "kiln.toml";
 /// What makes a tree without kiln.toml a `deb` source.
 pub const DEB_CONTROL: &str = "debian/control";
 
+/// Both phases of a `deb` task begin here: the project's repo (a flat
+/// index the hub wrote from its own records, when the repo has packages for
+/// this arch) becomes an apt source, read offline; then `$src` names what
+/// `apt-get build-dep` reads: the tree (`./`) or the uploaded `.dsc`.
+macro_rules! deb_prelude {
+    () => {
+        "if [ -e /var/lib/kiln-project/Packages ]; then
+  echo 'deb [trusted=yes] file:/var/lib/kiln-project ./' > /etc/apt/sources.list.d/kiln-project.list
+  apt-get update -qq -o Debug::NoLocking=1 -o Dir::Etc::SourceList=/etc/apt/sources.list.d/kiln-project.list \
+    -o Dir::Etc::SourceParts=/nonexistent -o APT::Get::List-Cleanup=0
+fi
+src=./
+[ -e debian/control ] || for f in ./*.dsc; do src=$f; done
+"
+    };
+}
+
 /// Phase 1 of a `deb` task, offline in the buildroot: the .debs its
 /// Build-Depends need, as apt's `'URI' file size SHA256:hex` lines.
-pub const DEB_RESOLVE_SCRIPT: &str = "apt-get build-dep --print-uris -qq -o Debug::NoLocking=1 -o Acquire::ForceHash=SHA256 ./ > /out/.kiln-deps";
+pub const DEB_RESOLVE_SCRIPT: &str = concat!(
+    deb_prelude!(),
+    "apt-get build-dep --print-uris -qq -o Debug::NoLocking=1 -o Acquire::ForceHash=SHA256 \"$src\" > /out/.kiln-deps"
+);
 /// Where phase 2 finds the fetched .debs (read-only).
 pub const DEB_CACHE_DIR: &str = "/var/cache/kiln-debs";
-/// Phase 2, offline: install Build-Depends from the fetched .debs, build
-/// the binary packages, keep them with their .buildinfo and .changes.
-pub const DEB_BUILD_SCRIPT: &str = "apt-get build-dep -y -q --no-download -o Debug::NoLocking=1 \
-  -o Dir::Cache::Archives=/var/cache/kiln-debs/ ./
+/// Phase 2, offline: install Build-Depends from the fetched .debs, unpack a
+/// .dsc, build the binary packages, keep them with their .buildinfo and
+/// .changes.
+pub const DEB_BUILD_SCRIPT: &str = concat!(
+    deb_prelude!(),
+    "apt-get build-dep -y -q --no-download -o Debug::NoLocking=1 \
+  -o Dir::Cache::Archives=/var/cache/kiln-debs/ \"$src\"
+if [ \"$src\" != ./ ]; then dpkg-source -x \"$src\" .kiln-src; cd .kiln-src; fi
 dpkg-buildpackage -b -us -uc
 cp ../*.deb ../*.buildinfo ../*.changes \"$KILN_OUT\"/
-for f in ../*.udeb ../*.ddeb; do [ ! -e \"$f\" ] || cp \"$f\" \"$KILN_OUT\"/; done";
+for f in ../*.udeb ../*.ddeb; do [ ! -e \"$f\" ] || cp \"$f\" \"$KILN_OUT\"/; done"
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("neither kiln.toml nor debian/control at the top of the source tree")]
+    #[error("neither kiln.toml, debian/control nor a .dsc at the top of the source tree")]
     Missing,
+    #[error("{0}")]
+    Dsc(String),
     #[error("kiln.toml is not UTF-8")]
     NotUtf8,
     #[error("kiln.toml {0}")]
@@ -166,7 +194,11 @@ impl Recipe {
             })
             .ok_or_else(|| bad("no Source: field in its first paragraph".into()))?;
         validate_name(&source).map_err(|m| bad(format!("Source {m}")))?;
-        Ok(Recipe {
+        Ok(Recipe::deb_named(source))
+    }
+
+    fn deb_named(source: String) -> Recipe {
+        Recipe {
             package: PackageSection {
                 name: Some(source),
                 kind: Some("deb".into()),
@@ -179,20 +211,93 @@ impl Recipe {
                     .map(String::from)
                     .to_vec(),
             },
-        })
+        }
+    }
+
+    /// The recipe of an uploaded Debian source package: one `.dsc` at the
+    /// top of the tree with every file its `Checksums-Sha256` names, each
+    /// of that size and SHA256 (checked against the tree's own digests).
+    pub fn dsc(name: &str, dsc: &[u8], tree: &Tree) -> Result<Recipe, RecipeError> {
+        let bad = |m: String| RecipeError::Dsc(format!("{name}: {m}"));
+        let text = std::str::from_utf8(dsc).map_err(|_| bad("not UTF-8".into()))?;
+        let fields = deb822_fields(strip_clearsign(text));
+        let field = |k: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.as_str())
+        };
+        let source = field("Source")
+            .map(str::trim)
+            .ok_or_else(|| bad("no Source: field".into()))?;
+        validate_name(source).map_err(|m| bad(format!("Source {m}")))?;
+        let sums = field("Checksums-Sha256")
+            .ok_or_else(|| bad("no Checksums-Sha256: field".into()))?;
+        let mut n = 0;
+        for line in sums.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let mut it = line.split_whitespace();
+            let (Some(hex), Some(size), Some(file), None) = (it.next(), it.next(), it.next(), it.next())
+            else {
+                return Err(bad(format!("Checksums-Sha256 line {line:?} is not \"sha256 size name\"")));
+            };
+            if file.contains('/') || file.starts_with('.') {
+                return Err(bad(format!("names a file outside its directory: {file:?}")));
+            }
+            let entry = match tree.get(file) {
+                Some(TreeEntry {
+                    kind: EntryKind::File { digest, size },
+                    ..
+                }) => (digest, size),
+                _ => return Err(bad(format!("{file} is missing from the upload"))),
+            };
+            if size.parse::<u64>().ok() != Some(*entry.1) {
+                return Err(bad(format!(
+                    "{file} is {} bytes, the .dsc says {size}",
+                    entry.1
+                )));
+            }
+            if !entry.0.to_string().eq_ignore_ascii_case(hex) {
+                return Err(bad(format!(
+                    "{file}: SHA256 {} does not match the .dsc's {hex}",
+                    entry.0
+                )));
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("Checksums-Sha256 lists no files".into()));
+        }
+        Ok(Recipe::deb_named(source.to_string()))
     }
 
     /// The recipe of a checked-out or pending tree: kiln.toml, else
     /// debian/control.
     pub fn of_tree(
+        tree: &Tree,
         read: impl Fn(&str) -> Result<Option<Vec<u8>>, RecipeError>,
     ) -> Result<Recipe, RecipeError> {
         if let Some(b) = read(RECIPE_FILE)? {
             return Recipe::parse(&b);
         }
-        match read(DEB_CONTROL)? {
-            Some(c) => Recipe::deb(&c),
-            None => Err(RecipeError::Missing),
+        if let Some(c) = read(DEB_CONTROL)? {
+            return Recipe::deb(&c);
+        }
+        let dscs: Vec<&str> = tree
+            .entries
+            .iter()
+            .filter(|e| !e.path.contains('/') && e.path.ends_with(".dsc"))
+            .map(|e| e.path.as_str())
+            .collect();
+        match dscs[..] {
+            [] => Err(RecipeError::Missing),
+            [one] => {
+                let b = read(one)?.ok_or_else(|| RecipeError::Dsc(format!("{one} is not a file")))?;
+                Recipe::dsc(one, &b, tree)
+            }
+            _ => Err(RecipeError::Dsc(format!(
+                "more than one .dsc at the top of the tree: {}",
+                dscs.join(", ")
+            ))),
         }
     }
 
@@ -225,6 +330,63 @@ impl Recipe {
             self.build.script.clone(),
         ]
     }
+}
+
+/// The file names a `.dsc` lists in `Checksums-Sha256` (or `Files`).
+pub fn dsc_files(dsc: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(dsc).map_err(|_| "not UTF-8".to_string())?;
+    let fields = deb822_fields(strip_clearsign(text));
+    let list = ["Checksums-Sha256", "Files"]
+        .iter()
+        .find_map(|k| fields.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)))
+        .map(|(_, v)| v)
+        .ok_or("no Checksums-Sha256: or Files: field")?;
+    let names: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .map(String::from)
+        .collect();
+    match names.iter().find(|n| n.contains('/') || n.starts_with('.')) {
+        Some(n) => Err(format!("names a file outside its directory: {n:?}")),
+        None => Ok(names),
+    }
+}
+
+/// The text inside an OpenPGP clear-signed message (or all of it).
+fn strip_clearsign(text: &str) -> String {
+    if !text.starts_with("-----BEGIN PGP SIGNED MESSAGE-----") {
+        return text.to_string();
+    }
+    text.lines()
+        .skip_while(|l| !l.trim().is_empty())
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----BEGIN PGP SIGNATURE-----"))
+        .map(|l| l.strip_prefix("- ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The fields of a deb822 file's first paragraph, continuation lines joined
+/// with newlines.
+fn deb822_fields(text: String) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if out.is_empty() {
+                continue;
+            }
+            break;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = out.last_mut() {
+                v.push('\n');
+                v.push_str(line.trim());
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            out.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    out
 }
 
 /// Project and package names: 1–64 of `[A-Za-z0-9._+-]`, not starting with

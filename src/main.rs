@@ -147,9 +147,20 @@ struct BuildArgs {
 
 #[derive(Subcommand)]
 enum BuildCmd {
-    /// Upload a source tree and queue a build; prints the build id.
+    /// Upload a source tree (a directory, or a Debian `.dsc` with the files
+    /// it names), or have the hub fetch a git ref, and queue a build; prints
+    /// the build id.
     Submit {
-        dir: PathBuf,
+        /// A directory, or a `.dsc` file.
+        #[arg(required_unless_present = "git", conflicts_with = "git")]
+        dir: Option<PathBuf>,
+        /// A git URL (https, http, git) the hub fetches instead.
+        #[arg(long)]
+        git: Option<String>,
+        /// The branch, tag or commit of --git (default: the remote's HEAD);
+        /// pinned to its commit at submission.
+        #[arg(long = "ref", requires = "git")]
+        git_ref: Option<String>,
         #[arg(long)]
         project: Option<String>,
         /// Package name (default: kiln.toml's [package] name, else the directory's name).
@@ -268,15 +279,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             (Some(cmd), _) => match cmd {
                 BuildCmd::Submit {
                     dir,
+                    git,
+                    git_ref,
                     project,
                     package,
                     target,
                     watch,
                 } => {
                     let c = client();
-                    let b =
-                        kiln::cli::submit(&c, dir, project.as_deref(), package.as_deref(), target)
-                            .await?;
+                    let source = match (dir, git) {
+                        (Some(d), _) => kiln::cli::Source::Path(d),
+                        (None, Some(url)) => kiln::cli::Source::Git(url, git_ref.as_deref()),
+                        (None, None) => anyhow::bail!("give a directory, a .dsc or --git URL"),
+                    };
+                    let b = kiln::cli::submit(
+                        &c,
+                        source,
+                        project.as_deref(),
+                        package.as_deref(),
+                        target,
+                    )
+                    .await?;
                     println!("{}", b.id);
                     if *watch {
                         return kiln::cli::watch(&c, b.id).await;

@@ -231,6 +231,9 @@ pub struct BuildDetail {
     #[serde(flatten)]
     pub build: Build,
     pub task_list: Vec<Task>,
+    /// Where the source came from, when it was fetched from git.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<crate::gitsrc::GitOrigin>,
 }
 
 /// Where a project's builds run and what their results publish into:

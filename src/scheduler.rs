@@ -20,6 +20,8 @@ pub enum SubmitError {
     Cas(#[from] CasError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Git(#[from] crate::gitsrc::GitError),
 }
 
 /// What a submitter names; the recipe may name the package itself.
@@ -30,6 +32,8 @@ pub struct Submission {
     pub submitted_by: String,
     /// Targets to build for; none: `host` (script builds).
     pub targets: Vec<String>,
+    /// The git URL, ref and commit the tree came from, if any.
+    pub origin: Option<crate::gitsrc::GitOrigin>,
 }
 
 /// Validates the recipe of an ingested (not yet committed) tree, commits its
@@ -38,7 +42,7 @@ pub struct Submission {
 /// submission commits nothing.
 pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build, SubmitError> {
     validate_name(&sub.project).map_err(|m| SubmitError::BadName(format!("project {m}")))?;
-    let recipe = Recipe::of_tree(|p| {
+    let recipe = Recipe::of_tree(&pending.tree, |p| {
         pending
             .read_file(p)
             .map_err(|e| RecipeError::Read(e.to_string()))
@@ -96,6 +100,7 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
         sde,
         &sub.submitted_by,
         &targets.iter().map(String::as_str).collect::<Vec<_>>(),
+        sub.origin.as_ref(),
     )?;
     hub.queued.notify_waiters();
     hub.changed();

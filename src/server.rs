@@ -132,6 +132,8 @@ impl From<SubmitError> for ApiError {
             SubmitError::BadName(m) => ApiError::BadRequest(m),
             SubmitError::Cas(c) => c.into(),
             SubmitError::Db(d) => d.into(),
+            SubmitError::Git(crate::gitsrc::GitError::Io(e)) => ApiError::Internal(e.to_string()),
+            SubmitError::Git(g) => ApiError::BadRequest(g.to_string()),
         }
     }
 }
@@ -289,10 +291,16 @@ pub struct SubmitQuery {
     pub targets: Option<String>,
     pub project: Option<String>,
     pub package: Option<String>,
+    /// Fetch the source from this git URL (https, http, git) instead of
+    /// the body.
+    pub git: Option<String>,
+    /// The branch, tag or commit to fetch with `git` (default `HEAD`).
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
 }
 
 /// `POST /api/v1/builds?project=P&package=N` with a tar stream of the source
-/// tree as the body.
+/// tree as the body, or `?git=URL&ref=REF` and no body.
 async fn submit_build(
     Caller(token): Caller,
     State(hub): State<Arc<Hub>>,
@@ -303,7 +311,7 @@ async fn submit_build(
     let max = hub.config.server.max_upload_bytes;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let mut reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-    let sub = Submission {
+    let mut sub = Submission {
         project: q.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string()),
         package: q.package,
         submitted_by: token.name,
@@ -318,7 +326,31 @@ async fn submit_build(
                     .collect()
             })
             .unwrap_or_default(),
+        origin: None,
     };
+    if let Some(url) = q.git {
+        // The source is the commit the ref names now; the body is ignored.
+        let git_ref = q.git_ref.unwrap_or_else(|| "HEAD".into());
+        let fetched = crate::gitsrc::fetch(&url, &git_ref, &hub.work_dir())
+            .await
+            .map_err(SubmitError::from)?;
+        if sub.package.is_none() {
+            sub.package = url
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .map(|n| n.trim_end_matches(".git").to_string());
+        }
+        sub.origin = Some(fetched.origin.clone());
+        let h = hub.clone();
+        let build = tokio::task::spawn_blocking(move || {
+            let mut f = std::fs::File::open(&fetched.tar).map_err(crate::gitsrc::GitError::Io)?;
+            let pending = h.cas.ingest_tar(&mut f, max)?;
+            crate::scheduler::submit(&h, sub, pending)
+        })
+        .await??;
+        return Ok((StatusCode::CREATED, Json(build)));
+    }
     let h = hub.clone();
     let build = tokio::task::spawn_blocking(move || {
         let res = h.cas.ingest_tar(&mut reader, max);

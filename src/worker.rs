@@ -257,7 +257,7 @@ async fn execute(
         std::fs::create_dir_all(&od).map_err(prep("creating the output dir"))?;
         let tree = cas.get_tree(&source)?;
         cas.checkout(&tree, &bd, Some(sde))?;
-        Recipe::of_tree(|p| match std::fs::read(bd.join(p)) {
+        Recipe::of_tree(&tree, |p| match std::fs::read(bd.join(p)) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(crate::kinds::RecipeError::Read(format!("{p}: {e}"))),
@@ -338,7 +338,9 @@ async fn execute(
         })
     };
     let ran = match recipe.kind() {
-        crate::model::PackageKind::Deb => run_deb(hub, &spec, &work, tx, run_cancel.clone()).await,
+        crate::model::PackageKind::Deb => {
+            run_deb(hub, &spec, &work, target.as_ref(), tx, run_cancel.clone()).await
+        }
         crate::model::PackageKind::Script => {
             sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await
         }
@@ -431,30 +433,51 @@ async fn execute(
     Ok((end, Some(log)))
 }
 
-/// Copies the build's output into its log until end-of-file. Past `kill_at`
-/// bytes the sandbox is cancelled (the pipe is still drained, so the build
-/// never blocks on it); returns whether that happened.
 /// A `deb` task in two offline sandbox runs on fresh views of its buildroot:
-/// resolve the Build-Depends to .deb URLs, fetch what the cache lacks (the
-/// hub does that, verifying each file's SHA256), then install them and build.
+/// resolve the Build-Depends to .deb URLs, gather them (the hub downloads
+/// what its cache lacks, verifying each file's SHA256, and takes the
+/// project's own packages from the store), then install them and build.
+/// Both runs see the target repo's packages as an apt source, so a package
+/// can build-depend on another the project built earlier.
 async fn run_deb(
     hub: &Arc<Hub>,
     spec: &Spec,
     work: &Path,
+    target: Option<&crate::model::Target>,
     log: std::os::fd::OwnedFd,
     cancel: CancellationToken,
 ) -> Result<sandbox::Outcome, sandbox::SandboxError> {
     use std::io::Write as _;
-    let dup = |fd: &std::os::fd::OwnedFd| {
-        fd.try_clone()
-            .map_err(|source| sandbox::SandboxError::Prepare {
-                what: "duplicating the log fd".into(),
-                source,
-            })
+    let prepare = |what: &str| {
+        let what = what.to_string();
+        move |source| sandbox::SandboxError::Prepare { what, source }
     };
+    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(prepare("duplicating the log fd"));
     let mut note = std::fs::File::from(dup(&log)?);
+    let mut spec = spec.clone();
+    let project = match target {
+        Some(t) => project_repo(hub, t, &work.join("project-repo"))
+            .await
+            .map_err(prepare("writing the project repo's index"))?,
+        None => Default::default(),
+    };
+    if !project.is_empty() {
+        let t = target.expect("a project repo comes from a target");
+        let _ = writeln!(
+            note,
+            "kiln: repo {}/{} offers {} package(s) to Build-Depends",
+            t.project,
+            t.repo,
+            project.len()
+        );
+        spec.binds.push(sandbox::Bind {
+            host: work.join("project-repo"),
+            path: crate::deps::PROJECT_REPO_DIR.into(),
+            writable: false,
+        });
+    }
     let deps_out = work.join("deps");
-    let _ = std::fs::create_dir_all(&deps_out);
+    std::fs::create_dir_all(&deps_out).map_err(prepare("creating the deps dir"))?;
     let resolve = Spec {
         out_dir: deps_out.clone(),
         argv: vec![
@@ -479,30 +502,50 @@ async fn run_deb(
         return Ok(o);
     }
     let list = std::fs::read_to_string(deps_out.join(".kiln-deps")).unwrap_or_default();
-    let cache = crate::deps::cache_dir(hub);
-    match crate::deps::fetch(&cache, &list).await {
+    let debs = work.join("debs");
+    let cache = crate::deps::cache_dir(hub.data_dir());
+    match crate::deps::fetch(&cache, &debs, &list, &hub.cas, &project).await {
         Ok(s) => {
-            let _ = writeln!(
-                note,
-                "kiln: Build-Depends: {} .deb(s), {} downloaded ({} bytes), {} from the cache",
-                s.total, s.downloaded, s.downloaded_bytes, s.cached
-            );
+            let _ = writeln!(note, "kiln: Build-Depends: {s}");
         }
         Err(e) => {
-            let _ = writeln!(note, "kiln: fetching Build-Depends failed: {e}");
+            let _ = writeln!(note, "kiln: gathering Build-Depends failed: {e}");
             return Ok(sandbox::Outcome::Infra(format!(
-                "fetching Build-Depends: {e}"
+                "gathering Build-Depends: {e}"
             )));
         }
     }
-    let mut build = spec.clone();
-    build.binds.push(sandbox::Bind {
-        host: cache,
+    spec.binds.push(sandbox::Bind {
+        host: debs,
         path: crate::kinds::DEB_CACHE_DIR.into(),
         writable: false,
     });
     drop(note);
-    sandbox::run(&hub.kiln_exe, &build, work, log, cancel).await
+    sandbox::run(&hub.kiln_exe, &spec, work, log, cancel).await
+}
+
+/// Writes the flat `Packages` index of the target repo's packages for the
+/// target's arch (and `all`) into `dir`; returns their pool paths and
+/// blobs. Nothing is written when the repo has none.
+async fn project_repo(
+    hub: &Arc<Hub>,
+    t: &crate::model::Target,
+    dir: &Path,
+) -> std::io::Result<std::collections::HashMap<String, crate::cas::Digest>> {
+    let debs = hub
+        .db
+        .repo_debs(&t.project, &t.repo)
+        .map_err(std::io::Error::other)?;
+    let debs: Vec<RepoDeb> = debs
+        .into_iter()
+        .filter(|d| d.arch == t.arch || d.arch == "all")
+        .collect();
+    if !debs.is_empty() {
+        std::fs::create_dir_all(dir)?;
+        let index: String = debs.iter().map(|d| d.stanza.as_str()).collect();
+        std::fs::write(dir.join("Packages"), index)?;
+    }
+    Ok(debs.into_iter().map(|d| (d.pool_path, d.digest)).collect())
 }
 
 /// The `.deb`s among a task's artifacts, read and indexed for its repo.
@@ -526,6 +569,9 @@ async fn debs_for_repo(
     .map_err(|e| crate::repos::RepoError::Publish("task".into(), e.to_string()))?
 }
 
+/// Copies the build's output into its log until end-of-file. Past `kill_at`
+/// bytes the sandbox is cancelled (the pipe is still drained, so the build
+/// never blocks on it); returns whether that happened.
 async fn pump_log(
     mut reader: tokio::net::unix::pipe::Receiver,
     mut log: LogWriter,

@@ -471,16 +471,34 @@ impl<R: Read> Read for Exact<R> {
 /// relative to `dir`, symlinks stored (not followed), modes and mtimes kept,
 /// owners zeroed. Special files are written as such (ingest rejects them).
 pub fn tar_dir(dir: &Path, writer: impl Write) -> io::Result<()> {
+    tar_entries(dir, None, writer)
+}
+
+/// Like [`tar_dir`], but only the named entries of `dir`'s top level (all
+/// when `None`).
+pub fn tar_entries(
+    dir: &Path,
+    only: Option<Vec<std::ffi::OsString>>,
+    writer: impl Write,
+) -> io::Result<()> {
     let mut b = tar::Builder::new(writer);
     b.follow_symlinks(false);
-    tar_walk(&mut b, dir, Path::new(""))?;
+    tar_walk(&mut b, dir, Path::new(""), only)?;
     b.into_inner()?.flush()
 }
 
-fn tar_walk<W: Write>(b: &mut tar::Builder<W>, abs: &Path, rel: &Path) -> io::Result<()> {
-    let mut names: Vec<_> = fs::read_dir(abs)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()?;
+fn tar_walk<W: Write>(
+    b: &mut tar::Builder<W>,
+    abs: &Path,
+    rel: &Path,
+    only: Option<Vec<std::ffi::OsString>>,
+) -> io::Result<()> {
+    let mut names: Vec<_> = match only {
+        Some(names) => names,
+        None => fs::read_dir(abs)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?,
+    };
     names.sort_by(|a, c| a.as_bytes().cmp(c.as_bytes()));
     for name in names {
         let child = abs.join(&name);
@@ -496,7 +514,7 @@ fn tar_walk<W: Write>(b: &mut tar::Builder<W>, abs: &Path, rel: &Path) -> io::Re
         if ft.is_dir() {
             h.set_entry_type(EntryType::Directory);
             b.append_data(&mut h, &rel_child, io::empty())?;
-            tar_walk(b, &child, &rel_child)?;
+            tar_walk(b, &child, &rel_child, None)?;
         } else if ft.is_file() {
             let f = OpenOptions::new()
                 .read(true)

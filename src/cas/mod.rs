@@ -37,7 +37,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
-pub use self::archive::{PendingTree, tar_dir};
+pub use self::archive::{PendingTree, tar_dir, tar_entries};
 pub use self::read::{BlobReader, RawReader};
 pub use self::tree::{EntryKind, Tree, TreeEntry};
 pub use self::write::Batch;
