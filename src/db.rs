@@ -306,7 +306,8 @@ impl Db {
             };
             tx.open_table(BUILDS)?.insert(id, enc(&build).as_slice())?;
             if let Some(o) = origin {
-                tx.open_table(BUILD_ORIGINS)?.insert(id, enc(o).as_slice())?;
+                tx.open_table(BUILD_ORIGINS)?
+                    .insert(id, enc(o).as_slice())?;
             }
             build
         };
@@ -818,6 +819,7 @@ mod tests {
             0,
             "admin",
             &["host"],
+            None,
         )
         .unwrap()
     }

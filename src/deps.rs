@@ -107,7 +107,11 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        match (b[i], b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok())) {
+        match (
+            b[i],
+            b.get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok()),
+        ) {
             (b'%', Some(h)) if u8::from_str_radix(h, 16).is_ok() => {
                 out.push(u8::from_str_radix(h, 16).unwrap_or(b'%'));
                 i += 3;
@@ -199,7 +203,9 @@ pub async fn fetch(
             break;
         }
         let results = futures_util::future::join_all(
-            batch.iter().map(|(url, w)| download(&client, cache, url, w)),
+            batch
+                .iter()
+                .map(|(url, w)| download(&client, cache, url, w)),
         )
         .await;
         for ((_, w), r) in batch.iter().zip(results) {

@@ -102,14 +102,27 @@ pub async fn fetch(url: &str, git_ref: &str, work: &Path) -> Result<Fetched, Git
         .map_err(|why| GitError::Io(std::io::Error::other(why)))?;
     let fetch = git(
         &repo,
-        &["fetch", "-q", "--depth", "1", "--no-tags", "--", url, git_ref],
+        &[
+            "fetch",
+            "-q",
+            "--depth",
+            "1",
+            "--no-tags",
+            "--",
+            url,
+            git_ref,
+        ],
         None,
     )
     .await;
     if let Err(why) = fetch {
-        let missing = ["couldn't find remote ref", "not our ref", "no such remote ref"]
-            .iter()
-            .any(|m| why.contains(m));
+        let missing = [
+            "couldn't find remote ref",
+            "not our ref",
+            "no such remote ref",
+        ]
+        .iter()
+        .any(|m| why.contains(m));
         return Err(if missing {
             GitError::NoSuchRef {
                 url: url.to_string(),
@@ -126,9 +139,13 @@ pub async fn fetch(url: &str, git_ref: &str, work: &Path) -> Result<Fetched, Git
         url: url.to_string(),
         why,
     };
-    let commit = git(&repo, &["rev-parse", "--verify", "FETCH_HEAD^{commit}"], None)
-        .await
-        .map_err(fail)?;
+    let commit = git(
+        &repo,
+        &["rev-parse", "--verify", "FETCH_HEAD^{commit}"],
+        None,
+    )
+    .await
+    .map_err(fail)?;
     let commit = commit.trim().to_string();
     let tar = std::fs::File::create(&fetched.tar)?;
     git(&repo, &["archive", "--format=tar", &commit], Some(tar))
@@ -197,11 +214,30 @@ mod tests {
     fn only_network_urls_and_plain_refs() {
         assert!(validate("https://example.org/x.git", "main").is_ok());
         assert!(validate("git://127.0.0.1:9418/x", "v1.0").is_ok());
-        for url in ["file:///etc", "/srv/repo", "ext::sh -c id", "ssh://h/x", "https://"] {
-            assert!(matches!(validate(url, "main"), Err(GitError::BadUrl(_))), "{url}");
+        for url in [
+            "file:///etc",
+            "/srv/repo",
+            "ext::sh -c id",
+            "ssh://h/x",
+            "https://",
+        ] {
+            assert!(
+                matches!(validate(url, "main"), Err(GitError::BadUrl(_))),
+                "{url}"
+            );
         }
-        for r in ["-upload-pack=x", "a..b", "", "refs/heads/", "x y", ".hidden"] {
-            assert!(matches!(validate("https://h/x", r), Err(GitError::BadRef(_))), "{r}");
+        for r in [
+            "-upload-pack=x",
+            "a..b",
+            "",
+            "refs/heads/",
+            "x y",
+            ".hidden",
+        ] {
+            assert!(
+                matches!(validate("https://h/x", r), Err(GitError::BadRef(_))),
+                "{r}"
+            );
         }
     }
 }

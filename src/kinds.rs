@@ -231,14 +231,17 @@ impl Recipe {
             .map(str::trim)
             .ok_or_else(|| bad("no Source: field".into()))?;
         validate_name(source).map_err(|m| bad(format!("Source {m}")))?;
-        let sums = field("Checksums-Sha256")
-            .ok_or_else(|| bad("no Checksums-Sha256: field".into()))?;
+        let sums =
+            field("Checksums-Sha256").ok_or_else(|| bad("no Checksums-Sha256: field".into()))?;
         let mut n = 0;
         for line in sums.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let mut it = line.split_whitespace();
-            let (Some(hex), Some(size), Some(file), None) = (it.next(), it.next(), it.next(), it.next())
+            let (Some(hex), Some(size), Some(file), None) =
+                (it.next(), it.next(), it.next(), it.next())
             else {
-                return Err(bad(format!("Checksums-Sha256 line {line:?} is not \"sha256 size name\"")));
+                return Err(bad(format!(
+                    "Checksums-Sha256 line {line:?} is not \"sha256 size name\""
+                )));
             };
             if file.contains('/') || file.starts_with('.') {
                 return Err(bad(format!("names a file outside its directory: {file:?}")));
@@ -291,7 +294,8 @@ impl Recipe {
         match dscs[..] {
             [] => Err(RecipeError::Missing),
             [one] => {
-                let b = read(one)?.ok_or_else(|| RecipeError::Dsc(format!("{one} is not a file")))?;
+                let b =
+                    read(one)?.ok_or_else(|| RecipeError::Dsc(format!("{one} is not a file")))?;
                 Recipe::dsc(one, &b, tree)
             }
             _ => Err(RecipeError::Dsc(format!(

@@ -259,7 +259,7 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("neither kiln.toml nor debian/control"),
+            .contains("neither kiln.toml, debian/control nor a .dsc"),
         "{err}"
     );
     // A Debian tree in a project without a buildroot target.
@@ -284,5 +284,89 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no Source: field"), "{err}");
+
+    // A .dsc whose file differs from its checksum, or lacks a file.
+    let dsc_dir = tempfile::tempdir().unwrap();
+    let orig = b"not really a tarball\n";
+    let sha = kiln::cas::Digest::of(orig).to_string();
+    let dsc = |name: &str, size: usize| {
+        format!(
+            "Format: 3.0 (quilt)\nSource: demo\nVersion: 1.0-1\nChecksums-Sha256:\n {sha} {size} {name}\n"
+        )
+    };
+    write_tree(
+        dsc_dir.path(),
+        &[
+            (
+                "demo_1.0-1.dsc",
+                &dsc("demo_1.0.orig.tar.gz", orig.len()),
+                0o644,
+            ),
+            ("demo_1.0.orig.tar.gz", "not really a tarbalX\n", 0o644),
+        ],
+    );
+    let dsc_path = dsc_dir.path().join("demo_1.0-1.dsc");
+    let err = h
+        .client
+        .submit_dir(&dsc_path, Some("p"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(
+        err.to_string().contains("demo_1.0.orig.tar.gz")
+            && err.to_string().contains("does not match"),
+        "{err}"
+    );
+    write_tree(
+        dsc_dir.path(),
+        &[("demo_1.0-1.dsc", &dsc("demo_1.0.debian.tar.xz", 3), 0o644)],
+    );
+    let err = h
+        .client
+        .submit_dir(&dsc_path, Some("p"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("demo_1.0.debian.tar.xz, which it names, is not beside it"),
+        "{err}"
+    );
+
+    // A git ref that does not exist; a URL that is not a network one.
+    let repos = tempfile::tempdir().unwrap();
+    let repo = repos.path().join("demo");
+    write_tree(
+        &repo,
+        &[("kiln.toml", "[build]\nscript = \"true\"\n", 0o644)],
+    );
+    git_commit_all(&repo, "v1");
+    let server = GitServer::start(repos.path());
+    let err = h
+        .client
+        .submit_git(
+            &format!("{}/demo", server.url),
+            Some("no-such-tag"),
+            None,
+            None,
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(
+        err.to_string()
+            .contains("git ref \"no-such-tag\" does not exist"),
+        "{err}"
+    );
+    for url in ["file:///etc", repo.to_str().unwrap(), "ext::sh -c id"] {
+        let err = h
+            .client
+            .submit_git(url, None, None, None, &[])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("only https://"), "{url}: {err}");
+    }
+    // None of it left a build behind.
+    assert!(h.client.list_builds(None, 10).await.unwrap().is_empty());
     h.stop().await;
 }
