@@ -223,3 +223,67 @@ async fn wait_published_empty(h: &TestHub) -> kiln::server::RepoView {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A client looping on `apt-get update` while new versions are published
+/// never sees a hash mismatch: new by-hash files go first, InRelease is
+/// switched last, and what an earlier InRelease names stays served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apt_updating_during_publishes_never_sees_a_mismatch() {
+    let mut h = hub_with_repo().await;
+    build_deb(&h, "3.0").await;
+    wait_published(&h, "3.0").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let apt = apt_for(&h, &h.url(), tmp.path()).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Bounded: at most 200 updates and 5 minutes.
+    let looper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            let mut runs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                && runs.len() < 200
+                && Instant::now() < deadline
+            {
+                let o = apt.run("apt-get", &["update"]);
+                runs.push((o.status.success(), text(&o)));
+            }
+            (runs, apt)
+        })
+    };
+    let versions: Vec<String> = (1..=12).map(|i| format!("3.{i}")).collect();
+    for v in &versions {
+        let b = build_deb(&h, v).await;
+        assert_eq!(b.detail.build.state, BuildState::Succeeded);
+    }
+    let last = wait_published(&h, &versions[versions.len() - 1]).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (runs, apt) = looper.join().unwrap();
+    // Not vacuous: several updates fetched a changed index mid-stream.
+    let fetched = runs
+        .iter()
+        .filter(|(_, out)| out.contains("Get:") && out.contains("Packages"))
+        .count();
+    assert!(
+        fetched >= 3,
+        "only {fetched} of {} updates fetched indexes",
+        runs.len()
+    );
+    for (ok, out) in &runs {
+        assert!(
+            *ok && !out.contains("mismatch") && !out.contains("unexpected size"),
+            "an update during publishing failed:\n{out}"
+        );
+    }
+    // The looping client ends up with the newest version.
+    let o = apt.run("apt-get", &["update"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = apt.run("apt-cache", &["policy", "kiln-hello"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Candidate: 3.12"),
+        "{}",
+        text(&o)
+    );
+    assert!(last.repo.revision >= 13, "{:?}", last.repo);
+    h.stop().await;
+}
