@@ -647,7 +647,7 @@ pub struct RepoView {
 }
 
 /// `http://host` as the client reached us, for the lines we hand out.
-fn base_url(headers: &HeaderMap) -> String {
+pub(crate) fn base_url(headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())

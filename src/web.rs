@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use maud::{DOCTYPE, Markup, html};
@@ -114,6 +114,7 @@ async fn build_page(
     _: Reader,
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Markup, ApiError> {
     let id: u64 = id
         .parse()
@@ -127,6 +128,17 @@ async fn build_page(
             waiting = crate::scheduler::why_waiting(&hub, t.id)?;
         }
     }
+    // The repos this build's targets publish into, and how to use them.
+    let mut repos: Vec<crate::repos::RepoSources> = Vec::new();
+    for t in &detail.task_list {
+        if let Some(target) = hub.db.target(&b.project, &t.target)? {
+            let s =
+                crate::repos::sources(&crate::server::base_url(&headers), &b.project, &target.repo);
+            if !repos.contains(&s) {
+                repos.push(s);
+            }
+        }
+    }
     let h = hub.clone();
     let tasks = detail.task_list.clone();
     let (log, truncated) = tokio::task::spawn_blocking(move || page_log(&h, &tasks)).await?;
@@ -138,7 +150,12 @@ async fn build_page(
             dl {
                 dt { "project" } dd { (b.project) }
                 dt { "package" } dd { (b.package) " (" (b.kind) ")" }
-                dt { "source" } dd { code { (b.source) } }
+                dt { "source" } dd {
+                    @if let Some(o) = &detail.origin {
+                        (o.url) " " (o.git_ref) " → commit " code { (o.commit) } br;
+                    }
+                    code { (b.source) }
+                }
                 dt { "submitted" } dd { (fmt_time(b.created)) " by " (b.submitted_by) }
                 @if let Some(w) = &waiting { dt { "waiting" } dd { (w) } }
             }
@@ -174,6 +191,17 @@ async fn build_page(
                             }
                         }
                     }
+                }
+            }
+            @if !repos.is_empty() {
+                h2 { "Install from its repository" }
+                @for s in &repos {
+                    p { "Key: " a href=(s.key_url) { (s.key_url) } }
+                    pre { (s.key_install) }
+                    p { "Then, in " code { "/etc/apt/sources.list.d/*.list" } ":" }
+                    pre { (s.list_line) }
+                    p { "or, in " code { "/etc/apt/sources.list.d/*.sources" } ":" }
+                    pre { (s.deb822) }
                 }
             }
             h2 { "Log" }

@@ -97,6 +97,15 @@ async fn a_built_deb_is_installable_with_real_apt_from_the_signed_repo() {
         "{:?}",
         repo.sources
     );
+    // The build page says how to use the repo.
+    let page = get_text(&h, &format!("/builds/{}", v.detail.build.id)).await;
+    for line in [&repo.sources.list_line, &repo.sources.key_url] {
+        assert!(
+            page.contains(line.as_str()),
+            "{line} not on the page:\n{page}"
+        );
+    }
+    assert!(page.contains("Types: deb"), "{page}");
 
     let tmp = tempfile::tempdir().unwrap();
     let apt = apt_for(&h, &h.url(), tmp.path()).await;
