@@ -525,16 +525,23 @@ pub struct TokenCreated {
     pub token: String,
 }
 
+/// Hub-wide changes (tokens, buildroots) need an admin token.
+fn require_admin(caller: &Token, what: &str) -> ApiResult<()> {
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "only an admin token can {what}"
+        )))
+    }
+}
+
 async fn create_token(
     Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
-    if !caller.admin {
-        return Err(ApiError::Forbidden(
-            "only an admin token can create tokens".into(),
-        ));
-    }
+    require_admin(&caller, "create tokens")?;
     let req: TokenRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("token request: {e}")))?;
     crate::kinds::validate_name(&req.name)
@@ -735,10 +742,11 @@ fn buildroot_view(hub: &Hub, b: crate::model::Buildroot) -> BuildrootView {
 }
 
 async fn create_buildroot(
-    Caller(_): Caller,
+    Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
+    require_admin(&caller, "create buildroots")?;
     let req: crate::buildroot::CreateRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("buildroot request: {e}")))?;
     let h = hub.clone();
@@ -749,10 +757,11 @@ async fn create_buildroot(
 }
 
 async fn refresh_buildroot(
-    Caller(_): Caller,
+    Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
+    require_admin(&caller, "refresh buildroots")?;
     let mut br = crate::buildroot::begin_refresh(&hub, &name)?;
     br.state = crate::model::BuildrootState::Creating;
     hub.db.put_buildroot(&br)?;
@@ -764,11 +773,12 @@ async fn refresh_buildroot(
 }
 
 async fn import_buildroot(
-    Caller(_): Caller,
+    Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<BuildrootView>)> {
+    require_admin(&caller, "import buildroots")?;
     use futures_util::TryStreamExt;
     use tokio::io::AsyncWriteExt;
     crate::kinds::validate_name(&name)
@@ -866,9 +876,10 @@ async fn buildroot_log(
 }
 
 async fn delete_buildroot(
-    Caller(_): Caller,
+    Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<crate::model::Buildroot>> {
+    require_admin(&caller, "delete buildroots")?;
     Ok(Json(crate::buildroot::delete(&hub, &name).await?))
 }

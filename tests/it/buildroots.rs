@@ -227,6 +227,20 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         let err = h.client.create_buildroot(&req).await.unwrap_err();
         assert!(err.to_string().contains(want), "{err}");
     }
+    // Buildroots are hub-wide: an ordinary token may not make or remove them.
+    let user = h.client.create_token("alice", false).await.unwrap();
+    let alice = kiln::client::Client::new(&h.url(), Some(user.token));
+    let err = alice
+        .create_buildroot(&create("mine", "debian", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    assert!(err.to_string().contains("only an admin token"), "{err}");
+    assert_eq!(
+        alice.delete_buildroot("mine").await.unwrap_err().status(),
+        Some(403)
+    );
+    assert!(h.client.buildroot("mine").await.is_err());
     let target = |buildroot: &str, arch: &str| TargetRequest {
         name: "t".into(),
         buildroot: buildroot.into(),
