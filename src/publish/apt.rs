@@ -37,8 +37,9 @@ use super::deb::{Control, DebError, valid_arch};
 
 /// Expected number of package names per compressed chunk. Smaller chunks make an
 /// incremental republish cheaper; larger ones compress better (xz cannot reference
-/// across streams). 64 names of typical stanzas (~0.5-1 KiB) is ~32-64 KiB per chunk.
-pub const CHUNK_PACKAGES: u64 = 64;
+/// across streams). 32 names of typical stanzas (~0.5-1 KiB) is ~16-32 KiB per chunk:
+/// adding one package to 10,000 recompresses one of ~300 chunks.
+pub const CHUNK_PACKAGES: u64 = 32;
 /// xz preset for the chunks (the `xz` default). The dictionary is shrunk to the chunk's
 /// size, which gives the same output as the preset for inputs smaller than the
 /// dictionary while avoiding preset 6's ~90 MiB encoder set-up per chunk.
@@ -367,12 +368,13 @@ fn check_line(field: &'static str, v: &str) -> Result<(), AptError> {
 pub struct RepoFile {
     /// e.g. `dists/stable/main/binary-amd64/Packages.xz`
     pub path: String,
-    pub data: Arc<[u8]>,
+    /// Shared, cheap to clone; made from a `Vec` without copying.
+    pub data: bytes::Bytes,
     pub sha256: [u8; 32],
 }
 
 impl RepoFile {
-    pub(crate) fn new(path: String, data: Arc<[u8]>) -> RepoFile {
+    pub(crate) fn new(path: String, data: bytes::Bytes) -> RepoFile {
         let sha256 = Sha256::digest(&data).into();
         RepoFile { path, data, sha256 }
     }
@@ -430,7 +432,7 @@ pub fn build_index<'a>(
 ) -> Result<Index, AptError> {
     cfg.validate()?;
     let mut sorted: Vec<&Stanza> = stanzas.into_iter().collect();
-    sorted.sort_by(|a, b| a.cmp_key(b).then_with(|| a.digest.cmp(&b.digest)));
+    sorted.sort_unstable_by(|a, b| a.cmp_key(b).then_with(|| a.digest.cmp(&b.digest)));
     sorted.dedup_by(|b, a| a.digest == b.digest);
     for w in sorted.windows(2) {
         if w[0].cmp_key(w[1]) == Ordering::Equal {
@@ -478,44 +480,40 @@ pub fn build_index<'a>(
             keys.push(key);
         }
     }
-    let compressed = super::par_map(&missing, |(_, c)| {
-        let mut text = Vec::with_capacity(c.iter().map(|s| s.text.len()).sum());
-        for s in c.iter() {
-            text.extend_from_slice(s.text.as_bytes());
-        }
-        compress(&text)
+    // The uncompressed indexes (text and SHA256) do not need the compressed
+    // chunks: build them on another core while the cache misses compress and
+    // the compressed indexes are assembled.
+    let (texts, compressed) = std::thread::scope(|scope| {
+        let texts = scope.spawn(|| {
+            per_arch
+                .iter()
+                .map(|(arch, chunks)| {
+                    let len = chunks.iter().flatten().map(|s| s.text.len()).sum();
+                    let mut text = Vec::with_capacity(len);
+                    for s in chunks.iter().flatten() {
+                        text.extend_from_slice(s.text.as_bytes());
+                    }
+                    let rel = format!("{}/binary-{arch}/Packages", cfg.component);
+                    RepoFile::new(format!("dists/{}/{rel}", cfg.suite), text.into())
+                })
+                .collect::<Vec<RepoFile>>()
+        });
+        let compressed = compress_indexes(&per_arch, &keys, &missing, cache);
+        (texts.join().expect("index text thread"), compressed)
     });
-    for ((key, _), c) in missing.iter().zip(compressed) {
-        cache.chunks.insert(*key, Arc::new(c?));
-    }
-    let used: std::collections::HashSet<[u8; 32]> = keys.iter().copied().collect();
-    cache.chunks.retain(|k, _| used.contains(k));
 
     let mut by_hash = Vec::new();
     let mut plain = Vec::new();
     let mut sums: Vec<(String, [u8; 32], usize)> = Vec::new();
-    for (arch, chunks) in &per_arch {
+    for (((arch, _), text), (gz, xz)) in per_arch.iter().zip(texts).zip(compressed?) {
         let dir = format!("{}/binary-{arch}", cfg.component);
-        let mut text = Vec::new();
-        let mut gz = Vec::new();
-        let mut blocks = Vec::new();
-        for c in chunks {
-            for s in c {
-                text.extend_from_slice(s.text.as_bytes());
-            }
-            let cc = cache.chunks[&chunk_key(c)].clone();
-            gz.extend_from_slice(&cc.gz);
-            blocks.push(cc);
-        }
-        if chunks.is_empty() {
-            // An empty file is not a valid .gz: publish a compressed empty member.
-            gz = gzip(b"")?;
-        }
-        let xz = xz_stream(blocks.iter().map(|c| &c.xz));
-        for (name, data) in [("Packages", text), ("Packages.gz", gz), ("Packages.xz", xz)] {
-            let data: Arc<[u8]> = data.into();
+        let files = [("Packages", text), ("Packages.gz", gz), ("Packages.xz", xz)];
+        for (name, f) in files {
             let rel = format!("{dir}/{name}");
-            let f = RepoFile::new(format!("dists/{}/{rel}", cfg.suite), data);
+            let f = RepoFile {
+                path: format!("dists/{}/{rel}", cfg.suite),
+                ..f
+            };
             by_hash.push(RepoFile {
                 path: format!(
                     "dists/{}/{dir}/by-hash/SHA256/{}",
@@ -556,6 +554,50 @@ pub fn build_index<'a>(
         files: by_hash,
         release,
     })
+}
+
+/// Compresses the chunks the cache lacks (on all cores), drops the ones no
+/// longer used, and assembles each architecture's `Packages.gz` and
+/// `Packages.xz` (paths are filled in by the caller).
+#[allow(clippy::type_complexity)]
+fn compress_indexes(
+    per_arch: &[(&str, Vec<Vec<&Stanza>>)],
+    keys: &[[u8; 32]],
+    missing: &[([u8; 32], &[&Stanza])],
+    cache: &mut IndexCache,
+) -> Result<Vec<(RepoFile, RepoFile)>, AptError> {
+    let compressed = super::par_map(missing, |(_, c)| {
+        let mut text = Vec::with_capacity(c.iter().map(|s| s.text.len()).sum());
+        for s in c.iter() {
+            text.extend_from_slice(s.text.as_bytes());
+        }
+        compress(&text)
+    });
+    for ((key, _), c) in missing.iter().zip(compressed) {
+        cache.chunks.insert(*key, Arc::new(c?));
+    }
+    let used: std::collections::HashSet<[u8; 32]> = keys.iter().copied().collect();
+    cache.chunks.retain(|k, _| used.contains(k));
+    let mut out = Vec::new();
+    for (_, chunks) in per_arch {
+        let mut gz = Vec::new();
+        let mut blocks = Vec::new();
+        for c in chunks {
+            let cc = cache.chunks[&chunk_key(c)].clone();
+            gz.extend_from_slice(&cc.gz);
+            blocks.push(cc);
+        }
+        if chunks.is_empty() {
+            // An empty file is not a valid .gz: publish a compressed empty member.
+            gz = gzip(b"")?;
+        }
+        let xz = xz_stream(blocks.iter().map(|c| &c.xz));
+        out.push((
+            RepoFile::new(String::new(), gz.into()),
+            RepoFile::new(String::new(), xz.into()),
+        ));
+    }
+    Ok(out)
 }
 
 /// `Sat, 01 Jan 2000 00:00:00 UTC`, the form Debian's archive uses.

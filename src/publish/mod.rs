@@ -15,8 +15,6 @@ pub mod apt;
 pub mod deb;
 pub mod sign;
 
-use std::sync::Arc;
-
 use time::OffsetDateTime;
 
 pub use apt::{AptError, Index, IndexCache, PoolEntry, RepoFile, Stanza, SuiteConfig};
@@ -50,7 +48,7 @@ pub fn publish<'a>(
         ("Release.gpg", release_gpg),
         ("InRelease", in_release),
     ] {
-        let data: Arc<[u8]> = data.into_bytes().into();
+        let data = bytes::Bytes::from(data.into_bytes());
         files.push(RepoFile::new(format!("{dir}/{name}"), data));
     }
     Ok(files)
