@@ -49,6 +49,11 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
     /// Whether reads (lists, logs, artifacts, pages) need no token.
     pub public_reads: bool,
+    /// The hub's address as clients reach it (`KILN_PUBLIC_URL`), e.g.
+    /// `https://pkgs.example.org` behind a TLS proxy; used in the apt lines
+    /// kiln hands out. Unset: `http://` + the request's Host header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -137,6 +142,7 @@ impl Default for ServerConfig {
             data: PathBuf::from("kiln-data"),
             max_upload_bytes: 1 << 30,
             public_reads: true,
+            public_url: None,
         }
     }
 }
@@ -189,6 +195,9 @@ impl Config {
 
     /// Values serde accepts but a task could not run with.
     fn validate(&self) -> Result<(), String> {
+        if let Some(u) = &self.server.public_url {
+            check_public_url(u).map_err(|m| format!("[server] public_url: {m}"))?;
+        }
         let all = std::iter::once((
             "[build]".to_string(),
             self.limits_of(&TargetLimits::default()),
@@ -246,6 +255,10 @@ impl Config {
         if let Some(v) = get("KILN_DATA") {
             self.server.data = PathBuf::from(v);
         }
+        if let Some(v) = get("KILN_PUBLIC_URL") {
+            check_public_url(&v).map_err(|m| bad("KILN_PUBLIC_URL", v.clone(), m))?;
+            self.server.public_url = Some(v);
+        }
         if let Some(v) = get("KILN_SLOTS") {
             self.build.slots = v.parse().map_err(|e| bad("KILN_SLOTS", v.clone(), e))?;
         }
@@ -255,6 +268,21 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }
+}
+
+/// `http(s)://host[:port][/path]`, no trailing slash, nothing to escape.
+fn check_public_url(u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || u.ends_with('/') {
+        return Err("needs a host and no trailing slash".into());
+    }
+    if !u.bytes().all(|b| b.is_ascii_graphic()) || u.contains(['"', '\'', '<', '>']) {
+        return Err("has characters a URL cannot hold".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -274,6 +302,20 @@ mod tests {
             .apply_env(|k| (k == "KILN_LISTEN").then(|| "nope".to_string()))
             .unwrap_err();
         assert!(err.to_string().contains("KILN_LISTEN"), "{err}");
+        c.apply_env(|k| (k == "KILN_PUBLIC_URL").then(|| "https://pkgs.example.org".into()))
+            .unwrap();
+        assert_eq!(
+            c.server.public_url.as_deref(),
+            Some("https://pkgs.example.org")
+        );
+        for bad in ["pkgs.example.org", "https://x/", "https://x/<y>", "ftp://x"] {
+            let err = c
+                .apply_env(|k| (k == "KILN_PUBLIC_URL").then(|| bad.to_string()))
+                .unwrap_err();
+            assert!(err.to_string().contains("KILN_PUBLIC_URL"), "{bad}: {err}");
+        }
+        let err = Config::parse("[server]\npublic_url = \"example.org\"\n").unwrap_err();
+        assert!(err.to_string().contains("public_url"), "{err}");
     }
 
     #[test]

@@ -653,8 +653,12 @@ pub struct RepoView {
     pub sources: crate::repos::RepoSources,
 }
 
-/// `http://host` as the client reached us, for the lines we hand out.
-pub(crate) fn base_url(headers: &HeaderMap) -> String {
+/// The hub's address for the lines we hand out: `server.public_url`, else
+/// `http://host` as the client reached us.
+pub(crate) fn base_url(hub: &Hub, headers: &HeaderMap) -> String {
+    if let Some(u) = &hub.config.server.public_url {
+        return u.clone();
+    }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -676,7 +680,7 @@ async fn get_repo(
     Ok(Json(RepoView {
         repo: r,
         packages,
-        sources: crate::repos::sources(&base_url(&headers), &project, &repo),
+        sources: crate::repos::sources(&base_url(&hub, &headers), &project, &repo),
     }))
 }
 

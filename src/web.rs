@@ -132,8 +132,11 @@ async fn build_page(
     let mut repos: Vec<crate::repos::RepoSources> = Vec::new();
     for t in &detail.task_list {
         if let Some(target) = hub.db.target(&b.project, &t.target)? {
-            let s =
-                crate::repos::sources(&crate::server::base_url(&headers), &b.project, &target.repo);
+            let s = crate::repos::sources(
+                &crate::server::base_url(&hub, &headers),
+                &b.project,
+                &target.repo,
+            );
             if !repos.contains(&s) {
                 repos.push(s);
             }

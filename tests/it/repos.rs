@@ -296,3 +296,35 @@ async fn apt_updating_during_publishes_never_sees_a_mismatch() {
     assert!(last.repo.revision >= 13, "{:?}", last.repo);
     h.stop().await;
 }
+
+/// Behind a TLS proxy the hub hands out its public address, not the Host
+/// it was reached by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repo_lines_use_the_configured_public_url() {
+    let mut h = hub_with(0, |c| {
+        c.server.public_url = Some("https://pkgs.example.org".into());
+    })
+    .await;
+    h.client
+        .add_target(
+            "demo",
+            &TargetRequest {
+                name: "debs".into(),
+                buildroot: "host".into(),
+                arch: "amd64".into(),
+                repo: Some("stable".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let r = h.client.repo("demo", "stable").await.unwrap();
+    assert_eq!(
+        r.sources.list_line,
+        "deb [signed-by=/etc/apt/keyrings/kiln-demo.asc] https://pkgs.example.org/repos/demo/stable stable main"
+    );
+    assert_eq!(
+        r.sources.key_url,
+        "https://pkgs.example.org/repos/demo/key.asc"
+    );
+    h.stop().await;
+}
