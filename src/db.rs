@@ -31,6 +31,14 @@ const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 /// Queued tasks in order: (sequence, task id). The sequence is the order of
 /// queueing; re-queued tasks go to the back.
 const QUEUE: TableDefinition<u64, u64> = TableDefinition::new("queue");
+/// The same queue split into one lane per project, `(project, seq) → task`:
+/// leasing takes the head of the lane whose project runs the fewest tasks.
+const QUEUE_LANES: TableDefinition<(&str, u64), u64> = TableDefinition::new("queue_lanes");
+/// Running tasks and their projects (few rows: one per busy slot).
+const RUNNING: TableDefinition<u64, &str> = TableDefinition::new("running");
+/// Project → the fence of its latest lease: among projects running equally
+/// many tasks, the one served longest ago goes first (round robin).
+const LAST_SERVED: TableDefinition<&str, u64> = TableDefinition::new("last_served");
 const ARTIFACTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("artifacts");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 /// (project, target name) → Target.
@@ -183,6 +191,13 @@ impl Db {
             tx.open_table(PROJECT_KEYS)?;
             tx.open_table(BUILDROOTS)?;
             tx.open_table(BUILD_ORIGINS)?;
+            tx.open_table(RUNNING)?;
+            tx.open_table(LAST_SERVED)?;
+            // Lanes came after the queue: rebuild them when they disagree.
+            let lanes = tx.open_table(QUEUE_LANES)?.len()?;
+            if lanes != tx.open_table(QUEUE)?.len()? {
+                rebuild_lanes(&tx)?;
+            }
         }
         tx.commit()?;
         Ok(Db { db })
@@ -266,7 +281,6 @@ impl Db {
             }
             let id = bump(&mut meta, K_NEXT_BUILD, 1)?;
             let mut tasks = tx.open_table(TASKS)?;
-            let mut queue = tx.open_table(QUEUE)?;
             let mut task_ids = Vec::new();
             for target in targets {
                 let tid = bump(&mut meta, K_NEXT_TASK, 1)?;
@@ -286,8 +300,6 @@ impl Db {
                     finished: None,
                 };
                 tasks.insert(tid, enc(&task).as_slice())?;
-                let seq = bump(&mut meta, K_QUEUE_SEQ, 0)?;
-                queue.insert(seq, tid)?;
                 task_ids.push(tid);
             }
             let build = Build {
@@ -305,6 +317,9 @@ impl Db {
                 tasks: task_ids,
             };
             tx.open_table(BUILDS)?.insert(id, enc(&build).as_slice())?;
+            for tid in &build.tasks {
+                enqueue(&tx, &mut meta, project, *tid)?;
+            }
             if let Some(o) = origin {
                 tx.open_table(BUILD_ORIGINS)?
                     .insert(id, enc(o).as_slice())?;
@@ -377,18 +392,32 @@ impl Db {
         Ok(tx.open_table(QUEUE)?.len()?)
     }
 
-    /// Position (1-based) of a queued task in the queue and the queue's length.
-    pub fn queue_position(&self, task: TaskId) -> Result<Option<(u64, u64)>> {
+    /// Where a queued task stands in its project's lane, and how many
+    /// projects' lanes share the slots in turn.
+    pub fn queue_position(&self, task: TaskId) -> Result<Option<QueuePosition>> {
         let tx = self.db.begin_read()?;
-        let q = tx.open_table(QUEUE)?;
-        let len = q.len()?;
-        for (i, row) in q.iter()?.enumerate() {
+        let t: Task = get_rec(&tx.open_table(TASKS)?, task)?.ok_or(DbError::TaskNotFound(task))?;
+        if t.state != BuildState::Queued {
+            return Ok(None);
+        }
+        let b: Build =
+            get_rec(&tx.open_table(BUILDS)?, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
+        let lanes = tx.open_table(QUEUE_LANES)?;
+        let (mut position, mut lane_len) = (None, 0u64);
+        for row in lanes.range((b.project.as_str(), 0)..=(b.project.as_str(), u64::MAX))? {
             let (_, v) = row?;
+            lane_len += 1;
             if v.value() == task {
-                return Ok(Some((i as u64 + 1, len)));
+                position = Some(lane_len);
             }
         }
-        Ok(None)
+        let projects = lane_heads(&lanes)?.len();
+        Ok(position.map(|position| QueuePosition {
+            project: b.project,
+            position,
+            lane_len,
+            projects,
+        }))
     }
 
     // ---- leases ----
@@ -399,15 +428,20 @@ impl Db {
         let now = now_ms();
         let tx = self.db.begin_write()?;
         let leased = {
-            let mut queue = tx.open_table(QUEUE)?;
-            let Some((_, tid)) = queue.pop_first()?.map(|(k, v)| (k.value(), v.value())) else {
+            let Some((project, seq, tid)) = fair_head(&tx)? else {
                 return Ok(None);
             };
+            tx.open_table(QUEUE)?.remove(seq)?;
+            tx.open_table(QUEUE_LANES)?
+                .remove((project.as_str(), seq))?;
+            tx.open_table(RUNNING)?.insert(tid, project.as_str())?;
             let mut meta = tx.open_table(META)?;
             let mut tasks = tx.open_table(TASKS)?;
             let mut builds = tx.open_table(BUILDS)?;
             let mut task: Task = get_rec(&tasks, tid)?.ok_or(DbError::TaskNotFound(tid))?;
             let fence = bump(&mut meta, K_NEXT_FENCE, 1)?;
+            tx.open_table(LAST_SERVED)?
+                .insert(project.as_str(), fence)?;
             task.state = BuildState::Running;
             task.lease = Some(Lease {
                 worker: worker.to_string(),
@@ -464,17 +498,17 @@ impl Db {
             let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
             check_fence(&t, fence)?;
             t.lease = None;
+            tx.open_table(RUNNING)?.remove(task)?;
             if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
                 t.attempt += 1;
                 t.state = BuildState::Queued;
                 t.outcome = Some(end.outcome);
                 t.log = end.log;
-                let mut meta = tx.open_table(META)?;
-                let seq = bump(&mut meta, K_QUEUE_SEQ, 0)?;
-                tx.open_table(QUEUE)?.insert(seq, task)?;
+                let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
+                    .ok_or(DbError::BuildNotFound(t.build))?;
+                enqueue(&tx, &mut tx.open_table(META)?, &b.project, task)?;
                 tasks.insert(task, enc(&t).as_slice())?;
-                let builds = tx.open_table(BUILDS)?;
-                get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?
+                b
             } else {
                 t.state = match end.outcome {
                     Outcome::Succeeded => BuildState::Succeeded,
@@ -751,13 +785,14 @@ impl Db {
                 }
             }
             let mut meta = tx.open_table(META)?;
-            let mut queue = tx.open_table(QUEUE)?;
+            tx.open_table(RUNNING)?.retain(|_, _| false)?;
             for mut t in running {
                 t.state = BuildState::Queued;
                 t.lease = None;
                 t.attempt += 1;
-                let seq = bump(&mut meta, K_QUEUE_SEQ, 0)?;
-                queue.insert(seq, t.id)?;
+                let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
+                    .ok_or(DbError::BuildNotFound(t.build))?;
+                enqueue(&tx, &mut meta, &b.project, t.id)?;
                 tasks.insert(t.id, enc(&t).as_slice())?;
                 requeued.push(t.id);
             }
@@ -765,6 +800,103 @@ impl Db {
         tx.commit()?;
         Ok(requeued)
     }
+}
+
+/// A queued task's place: `position` of `lane_len` in `project`'s lane;
+/// `projects` lanes are waiting in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePosition {
+    pub project: String,
+    pub position: u64,
+    pub lane_len: u64,
+    pub projects: usize,
+}
+
+/// Appends a task to the queue and its project's lane, in the caller's
+/// transaction.
+fn enqueue(
+    tx: &redb::WriteTransaction,
+    meta: &mut redb::Table<&str, u64>,
+    project: &str,
+    task: TaskId,
+) -> Result<()> {
+    let seq = bump(meta, K_QUEUE_SEQ, 0)?;
+    tx.open_table(QUEUE)?.insert(seq, task)?;
+    tx.open_table(QUEUE_LANES)?.insert((project, seq), task)?;
+    Ok(())
+}
+
+/// The heads of the projects' lanes, `(project, seq, task)`, in project
+/// order: one range lookup per project, however long the lanes are.
+fn lane_heads(
+    lanes: &impl ReadableTable<(&'static str, u64), u64>,
+) -> Result<Vec<(String, u64, u64)>> {
+    use std::ops::Bound;
+    let mut heads = Vec::new();
+    let mut next = lanes.first()?.map(|(k, v)| {
+        let (p, s) = k.value();
+        (p.to_string(), s, v.value())
+    });
+    while let Some((p, s, t)) = next {
+        next = lanes
+            .range::<(&str, u64)>((Bound::Excluded((p.as_str(), u64::MAX)), Bound::Unbounded))?
+            .next()
+            .transpose()?
+            .map(|(k, v)| {
+                let (p, s) = k.value();
+                (p.to_string(), s, v.value())
+            });
+        heads.push((p, s, t));
+    }
+    Ok(heads)
+}
+
+/// Fair share: the head of the lane whose project has the fewest running
+/// tasks; among equals, the project served longest ago (never first), then
+/// the task queued first.
+fn fair_head(tx: &redb::WriteTransaction) -> Result<Option<(String, u64, u64)>> {
+    let mut running: std::collections::HashMap<String, usize> = Default::default();
+    for row in tx.open_table(RUNNING)?.iter()? {
+        let (_, p) = row?;
+        *running.entry(p.value().to_string()).or_default() += 1;
+    }
+    let heads = lane_heads(&tx.open_table(QUEUE_LANES)?)?;
+    let served = tx.open_table(LAST_SERVED)?;
+    let mut best = None;
+    for (p, s, t) in heads {
+        let key = (
+            running.get(&p).copied().unwrap_or(0),
+            served.get(p.as_str())?.map(|v| v.value()).unwrap_or(0),
+            s,
+        );
+        if best.as_ref().is_none_or(|(k, _)| key < *k) {
+            best = Some((key, (p, s, t)));
+        }
+    }
+    Ok(best.map(|(_, head)| head))
+}
+
+/// Rebuilds the lanes from the queue (databases made before lanes existed).
+fn rebuild_lanes(tx: &redb::WriteTransaction) -> Result<()> {
+    let mut entries = Vec::new();
+    {
+        let queue = tx.open_table(QUEUE)?;
+        let tasks = tx.open_table(TASKS)?;
+        let builds = tx.open_table(BUILDS)?;
+        for row in queue.iter()? {
+            let (seq, tid) = row?;
+            let t: Task =
+                get_rec(&tasks, tid.value())?.ok_or(DbError::TaskNotFound(tid.value()))?;
+            let b: Build = get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
+            entries.push((b.project, seq.value(), t.id));
+        }
+    }
+    let mut lanes = tx.open_table(QUEUE_LANES)?;
+    lanes.retain(|_, _| false)?;
+    for (p, seq, tid) in entries {
+        lanes.insert((p.as_str(), seq), tid)?;
+    }
+    Ok(())
 }
 
 fn check_fence(t: &Task, fence: u64) -> Result<()> {
@@ -811,8 +943,12 @@ mod tests {
     }
 
     fn submit(db: &Db) -> Build {
+        submit_to(db, "p")
+    }
+
+    fn submit_to(db: &Db, project: &str) -> Build {
         db.create_build(
-            "p",
+            project,
             "hello",
             PackageKind::Script,
             Digest::of(b"tree"),
@@ -822,6 +958,42 @@ mod tests {
             None,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_mass_rebuild_does_not_starve_another_project() {
+        let (dir, db) = db();
+        let a: Vec<Build> = (0..200).map(|_| submit_to(&db, "a")).collect();
+        let first = db.lease_next("w1", 60_000).unwrap().unwrap();
+        assert_eq!(first.build.id, a[0].id);
+        let b = submit_to(&db, "b");
+        let pos = db.queue_position(b.tasks[0]).unwrap().unwrap();
+        assert_eq!((pos.position, pos.lane_len, pos.projects), (1, 1, 2));
+        // b runs nothing, a runs one: b's task is next, ahead of 199 of a's.
+        let next = db.lease_next("w2", 60_000).unwrap().unwrap();
+        assert_eq!(next.build.id, b.id);
+        // Both run one now: the older queued task (a's) goes first.
+        let third = db.lease_next("w3", 60_000).unwrap().unwrap();
+        assert_eq!(third.build.id, a[1].id);
+        // Ending a task frees its project's share; lanes survive a reopen.
+        db.finish_task(
+            next.task.id,
+            next.fence,
+            TaskEnd {
+                outcome: Outcome::Succeeded,
+                log: None,
+                outputs: None,
+                artifacts: vec![],
+                publish: None,
+            },
+            3,
+        )
+        .unwrap();
+        let c = submit_to(&db, "c");
+        drop(db);
+        let db = Db::open(&dir.path().join("kiln.redb")).unwrap();
+        assert_eq!(db.lease_next("w4", 60_000).unwrap().unwrap().build.id, c.id);
+        assert_eq!(db.queue_len().unwrap(), 198);
     }
 
     #[test]

@@ -119,16 +119,26 @@ pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, DbError> {
 
 /// Why a queued task is not running yet, in words.
 pub fn why_waiting(hub: &Hub, task: crate::model::TaskId) -> Result<Option<String>, DbError> {
-    let Some((pos, len)) = hub.db.queue_position(task)? else {
+    let Some(q) = hub.db.queue_position(task)? else {
         return Ok(None);
     };
-    if hub.config.build.slots == 0 {
-        return Ok(Some(format!(
-            "position {pos} of {len} in the queue; this hub has no local build slots (slots = 0) and no remote workers yet"
-        )));
+    let mut why = format!(
+        "position {} of {} in project {}'s queue",
+        q.position, q.lane_len, q.project
+    );
+    if q.projects > 1 {
+        why.push_str(&format!(
+            " ({} projects are waiting; free slots go to the one running the fewest tasks)",
+            q.projects
+        ));
     }
-    Ok(Some(format!(
-        "position {pos} of {len} in the queue; all {} local slots are busy",
-        hub.config.build.slots
-    )))
+    if hub.config.build.slots == 0 {
+        why.push_str("; this hub has no local build slots (slots = 0) and no remote workers yet");
+    } else {
+        why.push_str(&format!(
+            "; all {} local slots are busy",
+            hub.config.build.slots
+        ));
+    }
+    Ok(Some(why))
 }

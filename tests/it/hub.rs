@@ -363,3 +363,54 @@ async fn tokens_made_by_the_admin_work_and_reads_can_be_private() {
     assert_eq!(alice.build(b.id).await.unwrap().detail.build.id, b.id);
     h.stop().await;
 }
+
+/// Fair share: a 200-build mass rebuild in one project does not hold back a
+/// single build of another project by more than one task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_rebuild_does_not_starve_another_project() {
+    let mut h = hub(1).await;
+    let slow = script_tree("mass", "sleep 2", &[]);
+    let mut mass = Vec::new();
+    for _ in 0..200 {
+        mass.push(
+            h.client
+                .submit_dir(slow.path(), Some("mass"), None)
+                .await
+                .unwrap(),
+        );
+    }
+    // The mass rebuild holds the only slot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.client.build(mass[0].id).await.unwrap().detail.build.state != BuildState::Running {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first build never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let quick = script_tree("one", "true", &[]);
+    let one = h
+        .client
+        .submit_dir(quick.path(), Some("small"), None)
+        .await
+        .unwrap();
+    let why = h.client.build(one.id).await.unwrap().waiting.unwrap();
+    assert!(
+        why.contains("position 1 of 1 in project small's queue") && why.contains("2 projects"),
+        "{why}"
+    );
+    let done = h
+        .client
+        .wait(one.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.detail.build.state, BuildState::Succeeded);
+    // It ran right after the first mass build: the second had not started.
+    let second = h.client.build(mass[1].id).await.unwrap();
+    let started_one = done.detail.build.started.unwrap();
+    assert!(
+        second.detail.build.started.is_none_or(|s| s >= started_one),
+        "a second mass build started before the small project's: {second:?}"
+    );
+    h.stop().await;
+}
