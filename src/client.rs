@@ -244,6 +244,30 @@ impl Client {
         self.submit_tar_to(project, None, targets, body).await
     }
 
+    /// Cancels every unfinished task of a build (admin).
+    pub async fn cancel_build(&self, id: u64) -> Result<Build> {
+        self.json(self.req(
+            reqwest::Method::POST,
+            &format!("/api/v1/builds/{id}/cancel"),
+        ))
+        .await
+    }
+
+    /// Cancels a queued or running task (admin).
+    pub async fn cancel_task(&self, id: u64) -> Result<Build> {
+        self.json(self.req(reqwest::Method::POST, &format!("/api/v1/tasks/{id}/cancel")))
+            .await
+    }
+
+    /// Queues a task again as a new attempt (admin).
+    pub async fn requeue_task(&self, id: u64) -> Result<Build> {
+        self.json(self.req(
+            reqwest::Method::POST,
+            &format!("/api/v1/tasks/{id}/requeue"),
+        ))
+        .await
+    }
+
     pub async fn create_buildroot(
         &self,
         req: &crate::buildroot::CreateRequest,

@@ -89,6 +89,8 @@ pub enum DbError {
     Exists(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 macro_rules! from_redb {
@@ -531,27 +533,77 @@ impl Db {
                 {
                     add_repo_debs(&tx, project, repo, debs)?;
                 }
-                let mut builds = tx.open_table(BUILDS)?;
-                let mut b: Build =
-                    get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
-                let mut states = Vec::new();
-                for id in &b.tasks {
-                    let s: Task = get_rec(&tasks, *id)?.ok_or(DbError::TaskNotFound(*id))?;
-                    states.push(s.state);
-                }
-                if states.iter().all(|s| s.is_finished()) {
-                    b.state = if states.iter().all(|s| *s == BuildState::Succeeded) {
-                        BuildState::Succeeded
-                    } else if states.contains(&BuildState::Cancelled) {
-                        BuildState::Cancelled
-                    } else {
-                        BuildState::Failed
-                    };
-                    b.finished = Some(now);
-                }
-                builds.insert(b.id, enc(&b).as_slice())?;
-                b
+                drop(tasks);
+                settle_build(&tx, t.build, now)?
             }
+        };
+        tx.commit()?;
+        Ok(build)
+    }
+
+    /// Cancels a queued or running task (a running one's worker finds its
+    /// lease gone and kills the sandbox). One transaction with its build's
+    /// new state.
+    pub fn cancel_task(&self, task: TaskId) -> Result<Build> {
+        self.stop_task(task, false)
+    }
+
+    /// Puts a task back in the queue as a new attempt: a running one is
+    /// stopped first, an ended one (failed, cancelled or succeeded) runs
+    /// again.
+    pub fn requeue_task(&self, task: TaskId) -> Result<Build> {
+        self.stop_task(task, true)
+    }
+
+    fn stop_task(&self, task: TaskId, requeue: bool) -> Result<Build> {
+        let now = now_ms();
+        let tx = self.db.begin_write()?;
+        let build = {
+            let mut t: Task =
+                get_rec(&tx.open_table(TASKS)?, task)?.ok_or(DbError::TaskNotFound(task))?;
+            let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
+                .ok_or(DbError::BuildNotFound(t.build))?;
+            match (t.state, requeue) {
+                (BuildState::Queued, true) => {
+                    return Err(DbError::Conflict(format!("task {task} is already queued")));
+                }
+                (s, false) if s.is_finished() => {
+                    return Err(DbError::Conflict(format!(
+                        "task {task} has already ended ({s})"
+                    )));
+                }
+                (BuildState::Queued, false) => {
+                    let mut lanes = tx.open_table(QUEUE_LANES)?;
+                    let mut seq = None;
+                    for row in
+                        lanes.range((b.project.as_str(), 0)..=(b.project.as_str(), u64::MAX))?
+                    {
+                        let (k, v) = row?;
+                        if v.value() == task {
+                            seq = Some(k.value().1);
+                        }
+                    }
+                    if let Some(seq) = seq {
+                        lanes.remove((b.project.as_str(), seq))?;
+                        tx.open_table(QUEUE)?.remove(seq)?;
+                    }
+                }
+                _ => {}
+            }
+            tx.open_table(RUNNING)?.remove(task)?;
+            t.lease = None;
+            if requeue {
+                t.state = BuildState::Queued;
+                t.attempt += 1;
+                t.finished = None;
+                enqueue(&tx, &mut tx.open_table(META)?, &b.project, task)?;
+            } else {
+                t.state = BuildState::Cancelled;
+                t.outcome = Some(Outcome::Cancelled);
+                t.finished = Some(now);
+            }
+            tx.open_table(TASKS)?.insert(task, enc(&t).as_slice())?;
+            settle_build(&tx, t.build, now)?
         };
         tx.commit()?;
         Ok(build)
@@ -810,6 +862,39 @@ pub struct QueuePosition {
     pub position: u64,
     pub lane_len: u64,
     pub projects: usize,
+}
+
+/// Derives a build's state from its tasks' (inside the caller's
+/// transaction) and stores it.
+fn settle_build(tx: &redb::WriteTransaction, id: BuildId, now: i64) -> Result<Build> {
+    let tasks = tx.open_table(TASKS)?;
+    let mut builds = tx.open_table(BUILDS)?;
+    let mut b: Build = get_rec(&builds, id)?.ok_or(DbError::BuildNotFound(id))?;
+    let mut states = Vec::new();
+    for t in &b.tasks {
+        let s: Task = get_rec(&tasks, *t)?.ok_or(DbError::TaskNotFound(*t))?;
+        states.push(s.state);
+    }
+    if states.iter().all(|s| s.is_finished()) {
+        b.state = if states.iter().all(|s| *s == BuildState::Succeeded) {
+            BuildState::Succeeded
+        } else if states.contains(&BuildState::Cancelled) {
+            BuildState::Cancelled
+        } else {
+            BuildState::Failed
+        };
+        b.finished = Some(now);
+    } else {
+        b.finished = None;
+        b.state = if states.contains(&BuildState::Running) || states.iter().any(|s| s.is_finished())
+        {
+            BuildState::Running
+        } else {
+            BuildState::Queued
+        };
+    }
+    builds.insert(b.id, enc(&b).as_slice())?;
+    Ok(b)
 }
 
 /// Appends a task to the queue and its project's lane, in the caller's

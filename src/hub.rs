@@ -58,6 +58,10 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// One publish per repo at a time, and each repo's index cache.
     pub publisher: crate::repos::Publisher,
+    /// The cancel token of each task a local slot runs: cancelling or
+    /// re-queueing a running task fires it, killing the sandbox at once.
+    pub running:
+        std::sync::Mutex<std::collections::HashMap<crate::model::TaskId, CancellationToken>>,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
@@ -106,6 +110,7 @@ impl Hub {
             changes: watch::channel(0).0,
             shutdown: CancellationToken::new(),
             publisher: Default::default(),
+            running: Default::default(),
         });
         hub.ensure_admin_token()?;
         Ok(hub)

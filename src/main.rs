@@ -44,6 +44,9 @@ enum Cmd {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Stop or re-run single tasks (admin).
+    #[command(subcommand)]
+    Task(TaskCmd),
     /// Print the effective configuration (file, environment, defaults).
     CheckConfig(ServeArgs),
     /// Root filesystems builds run in: bootstrap, import, list, show, delete, refresh.
@@ -183,6 +186,8 @@ enum BuildCmd {
     },
     /// A build's state and tasks.
     Show { id: u64 },
+    /// Cancel every task of the build that has not ended (admin).
+    Cancel { id: u64 },
     /// A build's log so far.
     Log { id: u64 },
 }
@@ -199,6 +204,14 @@ enum ArtifactCmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Cancel a queued or running task (a running sandbox is killed).
+    Cancel { id: u64 },
+    /// Queue a task again as a new attempt (a running one is stopped first).
+    Requeue { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -308,12 +321,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 BuildCmd::Watch { id } => return kiln::cli::watch(&client(), *id).await,
                 BuildCmd::List { limit } => kiln::cli::list(&client(), *limit).await?,
                 BuildCmd::Show { id } => kiln::cli::show(&client(), *id).await?,
+                BuildCmd::Cancel { id } => {
+                    let b = client().cancel_build(*id).await?;
+                    println!("build {} {}", b.id, b.state);
+                }
                 BuildCmd::Log { id } => kiln::cli::log(&client(), *id).await?,
             },
         },
         Cmd::Artifact(ArtifactCmd::List { id }) => kiln::cli::artifact_list(&client(), *id).await?,
         Cmd::Artifact(ArtifactCmd::Get { id, path, output }) => {
             kiln::cli::artifact_get(&client(), *id, path, output.as_deref()).await?
+        }
+        Cmd::Task(cmd) => {
+            let (id, b) = match cmd {
+                TaskCmd::Cancel { id } => (id, client().cancel_task(*id).await?),
+                TaskCmd::Requeue { id } => (id, client().requeue_task(*id).await?),
+            };
+            println!("task {id}: build {} {}", b.id, b.state);
         }
         Cmd::Token(TokenCmd::Create { name, admin }) => {
             kiln::cli::token_create(&client(), name, *admin).await?

@@ -95,7 +95,7 @@ impl From<DbError> for ApiError {
             | DbError::TaskNotFound(_)
             | DbError::ProjectNotFound(_)
             | DbError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            DbError::Exists(_) => ApiError::Conflict(e.to_string()),
+            DbError::Exists(_) | DbError::Conflict(_) => ApiError::Conflict(e.to_string()),
             DbError::StaleLease { .. } => ApiError::Forbidden(e.to_string()),
             _ => ApiError::Internal(e.to_string()),
         }
@@ -201,6 +201,9 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
         .route("/api/v1/builds/{id}/log", get(build_log))
         .route("/api/v1/builds/{id}/artifacts", get(list_artifacts))
         .route("/api/v1/builds/{id}/artifacts/{*path}", get(get_artifact))
+        .route("/api/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/api/v1/tasks/{id}/requeue", post(requeue_task))
         .route("/api/v1/tokens", post(create_token))
         .route(
             "/api/v1/projects/{project}/targets",
@@ -283,6 +286,57 @@ async fn get_build(
         }
     }
     Ok(Json(BuildView { detail, waiting }))
+}
+
+fn parse_task_id(s: &str) -> ApiResult<crate::model::TaskId> {
+    s.parse()
+        .map_err(|_| ApiError::BadRequest(format!("task id {s:?} is not a number")))
+}
+
+/// `POST /api/v1/tasks/ID/cancel` (admin): a queued task leaves the queue,
+/// a running one's sandbox is killed; the task ends `cancelled`.
+async fn cancel_task(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Build>> {
+    require_admin(&caller, "cancel tasks")?;
+    Ok(Json(crate::worker::stop_task(
+        &hub,
+        parse_task_id(&id)?,
+        false,
+    )?))
+}
+
+/// `POST /api/v1/tasks/ID/requeue` (admin): a running task is stopped and
+/// queued again, an ended one runs again, as a new attempt.
+async fn requeue_task(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Build>> {
+    require_admin(&caller, "re-queue tasks")?;
+    Ok(Json(crate::worker::stop_task(
+        &hub,
+        parse_task_id(&id)?,
+        true,
+    )?))
+}
+
+/// `POST /api/v1/builds/ID/cancel` (admin): cancels every task of the build
+/// that has not ended.
+async fn cancel_build(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Build>> {
+    require_admin(&caller, "cancel builds")?;
+    let detail = hub.db.build_detail(parse_id(&id)?)?;
+    let mut build = detail.build.clone();
+    for t in detail.task_list.iter().filter(|t| !t.state.is_finished()) {
+        build = crate::worker::stop_task(&hub, t.id, false)?;
+    }
+    Ok(Json(build))
 }
 
 #[derive(Deserialize)]

@@ -115,9 +115,11 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     let task_id = leased.task.id;
     let fence = leased.fence;
     let cancel = hub.shutdown.child_token();
+    lock(&hub.running).insert(task_id, cancel.clone());
     let heartbeat = spawn_heartbeat(hub.clone(), task_id, fence, cancel.clone());
     let result = execute(hub, slot, worker, &leased, cancel.clone()).await;
     heartbeat.abort();
+    lock(&hub.running).remove(&task_id);
     if hub.shutdown.is_cancelled() {
         // Leave the task running in the database: the next start re-queues it.
         return;
@@ -170,6 +172,26 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     }
     hub.queued.notify_waiters();
     hub.changed();
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Cancels (or re-queues) a task: the database first, then the sandbox of
+/// a local slot running it, at once.
+pub fn stop_task(hub: &Hub, task: crate::model::TaskId, requeue: bool) -> Result<Build, DbError> {
+    let build = if requeue {
+        hub.db.requeue_task(task)?
+    } else {
+        hub.db.cancel_task(task)?
+    };
+    if let Some(token) = lock(&hub.running).get(&task) {
+        token.cancel();
+    }
+    hub.queued.notify_waiters();
+    hub.changed();
+    Ok(build)
 }
 
 fn spawn_heartbeat(

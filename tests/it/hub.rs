@@ -414,3 +414,71 @@ async fn a_mass_rebuild_does_not_starve_another_project() {
     );
     h.stop().await;
 }
+
+/// Admins cancel and re-queue tasks: a running sandbox is killed at once,
+/// an ended task runs again as a new attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_cancel_and_requeue_tasks() {
+    let mut h = hub(1).await;
+    let long = script_tree("long", "sleep 307", &[]);
+    let b = h.client.submit_dir(long.path(), None, None).await.unwrap();
+    let task = b.tasks[0];
+    let wait_state = |want: BuildState| {
+        let c = h.client.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let v = c.build(b.id).await.unwrap();
+                if v.detail.task_list[0].state == want {
+                    return v;
+                }
+                assert!(std::time::Instant::now() < deadline, "never {want}: {v:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_state(BuildState::Running).await;
+    assert!(!host_processes_with("sleep 307").is_empty());
+
+    // Ordinary tokens may not.
+    let user = h.client.create_token("bob", false).await.unwrap();
+    let bob = kiln::client::Client::new(&h.url(), Some(user.token));
+    assert_eq!(bob.cancel_task(task).await.unwrap_err().status(), Some(403));
+
+    let cancelled = h.client.cancel_task(task).await.unwrap();
+    assert_eq!(cancelled.state, BuildState::Cancelled);
+    assert_no_process_with("sleep 307");
+    let v = h.client.build(b.id).await.unwrap();
+    assert_eq!(v.detail.task_list[0].outcome, Some(Outcome::Cancelled));
+    let err = h.client.cancel_task(task).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("already ended"), "{err}");
+
+    // Re-queued: it runs again as attempt 2; cancelling the build stops it.
+    h.client.requeue_task(task).await.unwrap();
+    let v = wait_state(BuildState::Running).await;
+    assert_eq!(v.detail.task_list[0].attempt, 2);
+    let again = h.client.cancel_build(b.id).await.unwrap();
+    assert_eq!(again.state, BuildState::Cancelled);
+    assert_no_process_with("sleep 307");
+
+    // A failed task re-queued runs again and fails again.
+    let bad = script_tree("bad", "exit 3", &[]);
+    let fb = h.client.submit_dir(bad.path(), None, None).await.unwrap();
+    let v = h.client.wait(fb.id, BUILD_TIMEOUT).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Failed);
+    let q = h.client.requeue_task(fb.tasks[0]).await.unwrap();
+    assert!(
+        matches!(q.state, BuildState::Queued | BuildState::Running),
+        "{q:?}"
+    );
+    let v = h.client.wait(fb.id, BUILD_TIMEOUT).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Failed);
+    assert_eq!(v.detail.task_list[0].attempt, 2);
+    assert_eq!(v.detail.task_list[0].outcome, Some(Outcome::ExitCode(3)));
+    assert_eq!(
+        h.client.cancel_task(999_999).await.unwrap_err().status(),
+        Some(404)
+    );
+    h.stop().await;
+}
