@@ -438,7 +438,12 @@ async fn admins_cancel_and_requeue_tasks() {
         }
     };
     wait_state(BuildState::Running).await;
-    assert!(!host_processes_with("sleep 307").is_empty());
+    // Running in the database comes before the sandbox's process exists.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while host_processes_with("sleep 307").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the build never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Ordinary tokens may not.
     let user = h.client.create_token("bob", false).await.unwrap();
