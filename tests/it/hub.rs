@@ -441,7 +441,10 @@ async fn admins_cancel_and_requeue_tasks() {
     // Running in the database comes before the sandbox's process exists.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while host_processes_with("sleep 307").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the build never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

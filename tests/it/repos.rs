@@ -20,7 +20,11 @@ fn deb_script(version: &str) -> String {
 }
 
 async fn hub_with_repo() -> TestHub {
-    let h = hub(1).await;
+    with_demo_repo(hub(1).await).await
+}
+
+/// Adds project demo's target `debs` (host, amd64) publishing into `stable`.
+async fn with_demo_repo(h: TestHub) -> TestHub {
     let t = h
         .client
         .add_target(
@@ -301,22 +305,13 @@ async fn apt_updating_during_publishes_never_sees_a_mismatch() {
 /// it was reached by.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repo_lines_use_the_configured_public_url() {
-    let mut h = hub_with(0, |c| {
-        c.server.public_url = Some("https://pkgs.example.org".into());
-    })
+    let mut h = with_demo_repo(
+        hub_with(0, |c| {
+            c.server.public_url = Some("https://pkgs.example.org".into());
+        })
+        .await,
+    )
     .await;
-    h.client
-        .add_target(
-            "demo",
-            &TargetRequest {
-                name: "debs".into(),
-                buildroot: "host".into(),
-                arch: "amd64".into(),
-                repo: Some("stable".into()),
-            },
-        )
-        .await
-        .unwrap();
     let r = h.client.repo("demo", "stable").await.unwrap();
     assert_eq!(
         r.sources.list_line,
