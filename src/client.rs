@@ -244,6 +244,81 @@ impl Client {
         self.submit_tar_to(project, None, targets, body).await
     }
 
+    /// Asks for a task as worker `worker`, waiting up to `wait_secs`;
+    /// `None` when none came.
+    pub async fn worker_lease(
+        &self,
+        worker: &str,
+        wait_secs: u64,
+    ) -> Result<Option<crate::remote::WorkerLease>> {
+        let rb = self
+            .req(reqwest::Method::POST, "/api/v1/worker/lease")
+            .json(&crate::remote::LeaseRequest {
+                worker: worker.to_string(),
+                wait_secs,
+            });
+        let resp = self.send(rb).await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// Extends a lease; an error (409) means the task is no longer ours.
+    pub async fn worker_heartbeat(&self, task: u64, fence: u64) -> Result<()> {
+        let rb = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/v1/worker/tasks/{task}/heartbeat"),
+            )
+            .json(&crate::remote::Fence { fence });
+        self.send(rb).await.map(|_| ())
+    }
+
+    /// The digests among `digests` the hub lacks.
+    pub async fn worker_missing(
+        &self,
+        digests: &[crate::cas::Digest],
+    ) -> Result<Vec<crate::cas::Digest>> {
+        self.json(
+            self.req(reqwest::Method::POST, "/api/v1/worker/blobs/missing")
+                .json(digests),
+        )
+        .await
+    }
+
+    /// Uploads one blob (the hub checks it hashes to `digest`).
+    pub async fn worker_upload(&self, digest: &crate::cas::Digest, data: Vec<u8>) -> Result<()> {
+        let rb = self
+            .req(
+                reqwest::Method::PUT,
+                &format!("/api/v1/worker/blobs/{digest}"),
+            )
+            .body(data);
+        self.send(rb).await.map(|_| ())
+    }
+
+    /// Reports a task's end under its fence.
+    pub async fn worker_end(&self, task: u64, report: &crate::remote::EndReport) -> Result<Build> {
+        self.json(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/api/v1/worker/tasks/{task}/end"),
+            )
+            .json(report),
+        )
+        .await
+    }
+
     /// Cancels every unfinished task of a build (admin).
     pub async fn cancel_build(&self, id: u64) -> Result<Build> {
         self.json(self.req(

@@ -106,7 +106,7 @@ pub struct TargetLimits {
 }
 
 /// The limits one task runs under, resolved for its target.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TaskLimits {
     pub timeout_secs: u64,
     pub log_limit_bytes: u64,

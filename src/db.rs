@@ -427,10 +427,21 @@ impl Db {
     /// Hands the first queued task to `worker` under a fresh lease. One
     /// transaction: the queue entry, the task and its build change together.
     pub fn lease_next(&self, worker: &str, lease_ms: i64) -> Result<Option<Leased>> {
+        self.lease_next_where(worker, lease_ms, None)
+    }
+
+    /// [`Db::lease_next`] among the tasks whose target `runs` accepts (a
+    /// remote worker cannot run every target).
+    pub fn lease_next_where(
+        &self,
+        worker: &str,
+        lease_ms: i64,
+        runs: Option<&dyn Fn(&str) -> bool>,
+    ) -> Result<Option<Leased>> {
         let now = now_ms();
         let tx = self.db.begin_write()?;
         let leased = {
-            let Some((project, seq, tid)) = fair_head(&tx)? else {
+            let Some((project, seq, tid)) = fair_head(&tx, runs)? else {
                 return Ok(None);
             };
             tx.open_table(QUEUE)?.remove(seq)?;
@@ -939,13 +950,34 @@ fn lane_heads(
 /// Fair share: the head of the lane whose project has the fewest running
 /// tasks; among equals, the project served longest ago (never first), then
 /// the task queued first.
-fn fair_head(tx: &redb::WriteTransaction) -> Result<Option<(String, u64, u64)>> {
+fn fair_head(
+    tx: &redb::WriteTransaction,
+    runs: Option<&dyn Fn(&str) -> bool>,
+) -> Result<Option<(String, u64, u64)>> {
     let mut running: std::collections::HashMap<String, usize> = Default::default();
     for row in tx.open_table(RUNNING)?.iter()? {
         let (_, p) = row?;
         *running.entry(p.value().to_string()).or_default() += 1;
     }
-    let heads = lane_heads(&tx.open_table(QUEUE_LANES)?)?;
+    let lanes = tx.open_table(QUEUE_LANES)?;
+    let mut heads = lane_heads(&lanes)?;
+    if let Some(runs) = runs {
+        // Each lane's first task this worker can run.
+        let tasks = tx.open_table(TASKS)?;
+        let mut eligible = Vec::new();
+        for (p, _, _) in heads {
+            for row in lanes.range((p.as_str(), 0)..=(p.as_str(), u64::MAX))? {
+                let (k, v) = row?;
+                let t: Task =
+                    get_rec(&tasks, v.value())?.ok_or(DbError::TaskNotFound(v.value()))?;
+                if runs(&t.target) {
+                    eligible.push((p.clone(), k.value().1, t.id));
+                    break;
+                }
+            }
+        }
+        heads = eligible;
+    }
     let served = tx.open_table(LAST_SERVED)?;
     let mut best = None;
     for (p, s, t) in heads {

@@ -18,6 +18,7 @@ pub mod kinds;
 pub mod logs;
 pub mod model;
 pub mod publish;
+pub mod remote;
 pub mod repos;
 pub mod sandbox;
 pub mod scheduler;

@@ -96,7 +96,7 @@ impl From<DbError> for ApiError {
             | DbError::ProjectNotFound(_)
             | DbError::NotFound(_) => ApiError::NotFound(e.to_string()),
             DbError::Exists(_) | DbError::Conflict(_) => ApiError::Conflict(e.to_string()),
-            DbError::StaleLease { .. } => ApiError::Forbidden(e.to_string()),
+            DbError::StaleLease { .. } => ApiError::Conflict(e.to_string()),
             _ => ApiError::Internal(e.to_string()),
         }
     }
@@ -155,7 +155,7 @@ impl From<tokio::task::JoinError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 fn bearer(parts: &Parts) -> Option<&str> {
     parts
@@ -228,6 +228,7 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
         .route("/repos/{project}/{repo}/{*path}", get(repo_file))
         .route("/cas/sha256/{hex}", get(get_blob))
         .merge(crate::web::routes())
+        .merge(crate::remote::routes(hub.config.server.max_upload_bytes))
         .with_state(hub)
 }
 
@@ -580,7 +581,7 @@ pub struct TokenCreated {
 }
 
 /// Hub-wide changes (tokens, buildroots) need an admin token.
-fn require_admin(caller: &Token, what: &str) -> ApiResult<()> {
+pub(crate) fn require_admin(caller: &Token, what: &str) -> ApiResult<()> {
     if caller.admin {
         Ok(())
     } else {

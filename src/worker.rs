@@ -141,10 +141,7 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     let h = hub.clone();
     let max = hub.config.build.max_attempts;
     let outcome = end.outcome.clone();
-    let publish_to = match (&end.outcome, &end.publish) {
-        (Outcome::Succeeded, Some((p, r, _))) => Some((p.clone(), r.clone())),
-        _ => None,
-    };
+    let publish_to = publish_target(&end);
     let res = tokio::task::spawn_blocking(move || h.db.finish_task(task_id, fence, end, max)).await;
     match res {
         Ok(Ok(build)) => {
@@ -163,15 +160,38 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
         log.close();
     }
     if let Some((project, repo)) = publish_to {
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::repos::publish(&hub, &project, &repo).await {
-                tracing::error!(repo = %format!("{project}/{repo}"), error = %e, "publish failed");
-            }
-        });
+        spawn_publish(hub, project, repo);
     }
     hub.queued.notify_waiters();
     hub.changed();
+}
+
+/// The repo a recorded end makes due: a success with packages for one.
+pub(crate) fn publish_target(end: &TaskEnd) -> Option<(String, String)> {
+    match (&end.outcome, &end.publish) {
+        (Outcome::Succeeded, Some((p, r, _))) => Some((p.clone(), r.clone())),
+        _ => None,
+    }
+}
+
+/// Publishes a repo in the background (after the end that changed it is
+/// committed).
+pub(crate) fn spawn_publish(hub: &Arc<Hub>, project: String, repo: String) {
+    let hub = hub.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::repos::publish(&hub, &project, &repo).await {
+            tracing::error!(repo = %format!("{project}/{repo}"), error = %e, "publish failed");
+        }
+    });
+}
+
+/// An artifact's name: its path in the outputs, under the target's name
+/// when the build has several targets.
+pub(crate) fn artifact_path(build: &Build, target: &str, path: &str) -> String {
+    match build.tasks.len() {
+        1 => path.to_string(),
+        _ => format!("{target}/{path}"),
+    }
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -401,15 +421,10 @@ async fn execute(
                 end.outputs = Some(digest);
                 for e in &tree.entries {
                     if let crate::cas::EntryKind::File { digest, size } = &e.kind {
-                        // One build, several targets: each target's files under its name.
-                        let path = match build.tasks.len() {
-                            1 => e.path.clone(),
-                            _ => format!("{}/{}", task.target, e.path),
-                        };
                         end.artifacts.push(Artifact {
                             build: build.id,
                             task: task.id,
-                            path,
+                            path: artifact_path(build, &task.target, &e.path),
                             digest: *digest,
                             size: *size,
                             mode: e.mode,
@@ -571,7 +586,7 @@ async fn project_repo(
 }
 
 /// The `.deb`s among a task's artifacts, read and indexed for its repo.
-async fn debs_for_repo(
+pub(crate) async fn debs_for_repo(
     hub: &Arc<Hub>,
     artifacts: &[Artifact],
     build: crate::model::BuildId,

@@ -11,6 +11,7 @@ mod publish;
 mod repos;
 mod restart;
 mod sandbox;
+mod workers;
 
 use std::path::PathBuf;
 

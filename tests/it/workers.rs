@@ -1,0 +1,150 @@
+//! The remote worker protocol against the real hub, spoken by the typed
+//! client as a light worker: long-poll lease, source blobs by digest,
+//! heartbeat, upload of what the hub lacks, and a fenced end.
+
+use std::time::{Duration, Instant};
+
+use kiln::cas::Digest;
+use kiln::model::{BuildState, Outcome};
+use kiln::remote::{EndReport, OutputFile};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_light_worker_leases_runs_and_ends_a_task_under_its_fence() {
+    // No local slots: only the remote protocol runs tasks.
+    let mut h = hub(0).await;
+    let src = script_tree("remote", "true", &["*"]);
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+
+    let lease = h
+        .client
+        .worker_lease("w1", 5)
+        .await
+        .unwrap()
+        .expect("a task");
+    assert_eq!(lease.build.id, b.id);
+    assert_eq!(lease.task.state, BuildState::Running);
+    assert_eq!(lease.task.worker.as_deref(), Some("w1"));
+    // The source tree is fetched by digest.
+    let manifest = reqwest::get(format!("{}/cas/sha256/{}", h.url(), lease.build.source))
+        .await
+        .unwrap();
+    assert!(manifest.status().is_success());
+    assert_eq!(
+        Digest::of(&manifest.bytes().await.unwrap()),
+        lease.build.source
+    );
+    // Nothing else queued: the long poll ends empty after its wait.
+    let t = Instant::now();
+    assert!(h.client.worker_lease("w2", 1).await.unwrap().is_none());
+    assert!(t.elapsed() >= Duration::from_millis(900));
+
+    h.client
+        .worker_heartbeat(lease.task.id, lease.fence)
+        .await
+        .unwrap();
+    // Outputs: only what the hub lacks is uploaded, and it must hash right.
+    let out = b"built remotely\n".to_vec();
+    let log = b"remote log\n".to_vec();
+    let (od, ld) = (Digest::of(&out), Digest::of(&log));
+    assert_eq!(
+        h.client.worker_missing(&[od, ld]).await.unwrap(),
+        vec![od, ld]
+    );
+    let err = h
+        .client
+        .worker_upload(&od, b"forged".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    let report = |fence| EndReport {
+        fence,
+        outcome: Outcome::Succeeded,
+        log: Some(ld),
+        outputs: None,
+        files: vec![OutputFile {
+            path: "out.txt".into(),
+            digest: od,
+            size: out.len() as u64,
+            mode: 0o644,
+        }],
+    };
+    // An end naming blobs the hub lacks is refused and changes nothing.
+    let err = h
+        .client
+        .worker_end(lease.task.id, &report(lease.fence))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("upload it first"), "{err}");
+    h.client.worker_upload(&od, out.clone()).await.unwrap();
+    h.client.worker_upload(&ld, log.clone()).await.unwrap();
+    assert!(h.client.worker_missing(&[od, ld]).await.unwrap().is_empty());
+
+    // The task is re-queued (as if the lease had been lost); the late
+    // worker's end is refused by the fence, the new lease's accepted.
+    h.client.requeue_task(lease.task.id).await.unwrap();
+    let err = h
+        .client
+        .worker_heartbeat(lease.task.id, lease.fence)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let again = h
+        .client
+        .worker_lease("w2", 5)
+        .await
+        .unwrap()
+        .expect("re-queued");
+    assert!(again.fence > lease.fence);
+    let err = h
+        .client
+        .worker_end(lease.task.id, &report(lease.fence))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let done = h
+        .client
+        .worker_end(again.task.id, &report(again.fence))
+        .await
+        .unwrap();
+    assert_eq!(done.state, BuildState::Succeeded);
+    let v = h.client.build(b.id).await.unwrap();
+    assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w2"));
+    assert_eq!(v.detail.task_list[0].attempt, 2);
+    let got = reqwest::get(format!(
+        "{}/api/v1/builds/{}/artifacts/out.txt",
+        h.url(),
+        b.id
+    ))
+    .await
+    .unwrap()
+    .bytes()
+    .await
+    .unwrap();
+    assert_eq!(&got[..], &out[..]);
+    assert_eq!(h.client.log_text(b.id).await.unwrap(), "remote log\n");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_worker_gets_a_task_as_soon_as_it_is_queued() {
+    let mut h = hub(0).await;
+    let c = h.client.clone();
+    let waiter = tokio::spawn(async move { c.worker_lease("w1", 20).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let src = script_tree("late", "true", &["*"]);
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+    let t = Instant::now();
+    let lease = waiter.await.unwrap().unwrap().expect("the new task");
+    assert_eq!(lease.build.id, b.id);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // An ordinary token is not a worker.
+    let user = h.client.create_token("eve", false).await.unwrap();
+    let eve = kiln::client::Client::new(&h.url(), Some(user.token));
+    assert_eq!(
+        eve.worker_lease("w9", 0).await.unwrap_err().status(),
+        Some(403)
+    );
+    h.stop().await;
+}
