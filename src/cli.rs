@@ -55,6 +55,57 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kiln worker`: checks the hub answers, opens the worker's own store and
+/// runs `slots` lease loops until SIGINT/SIGTERM.
+pub async fn worker(
+    client: Client,
+    data: &Path,
+    slots: Option<usize>,
+    name: Option<String>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let health = client.health().await?;
+    let name = match name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    crate::kinds::validate_name(&name).map_err(|m| anyhow::anyhow!("worker name {m}"))?;
+    let mut config = Config::default();
+    config.server.data = data.to_owned();
+    config.build.slots = 0;
+    let slots =
+        slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let local = crate::hub::Hub::open(config, exe)?;
+    eprintln!(
+        "kiln: worker {name} with {slots} slot(s) on hub {} (kiln {})",
+        client.base_url(),
+        health.version
+    );
+    let loops: Vec<_> = (0..slots)
+        .map(|s| {
+            tokio::spawn(crate::worker::run_remote_slot(
+                client.clone(),
+                local.clone(),
+                s as u32,
+                name.clone(),
+            ))
+        })
+        .collect();
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("kiln: worker stopping");
+    local.shutdown.cancel();
+    for l in loops {
+        let _ = l.await;
+    }
+    Ok(())
+}
+
 pub fn check_config(config: &Config) {
     print!("{}", config.to_toml());
 }

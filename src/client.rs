@@ -48,6 +48,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The hub's URL this client talks to.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     pub fn new(base: &str, token: Option<String>) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),

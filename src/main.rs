@@ -36,6 +36,9 @@ struct Cli {
 enum Cmd {
     /// Run the hub: API, web pages and local build slots.
     Serve(ServeArgs),
+    /// Run a remote worker: lease tasks from the hub (--hub, --token) and
+    /// run them in local sandboxes.
+    Worker(WorkerArgs),
     /// Submit, follow and inspect builds; `kiln build DIR` builds locally without a hub.
     Build(BuildArgs),
     /// List and download a build's artifacts.
@@ -206,6 +209,19 @@ enum ArtifactCmd {
     },
 }
 
+#[derive(Args)]
+struct WorkerArgs {
+    /// The worker's own store (blob cache, logs, work dirs).
+    #[arg(long, default_value = "kiln-worker-data")]
+    data: PathBuf,
+    /// Tasks run at once (default: the number of cores).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// The name the hub shows (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum TaskCmd {
     /// Cancel a queued or running task (a running sandbox is killed).
@@ -283,6 +299,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     };
     match &cli.cmd {
         Cmd::Serve(a) => kiln::cli::serve(load_config(cli.config.as_ref(), a)?).await?,
+        Cmd::Worker(a) => {
+            let token = cli
+                .token
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("a worker needs --token (or KILN_TOKEN)"))?;
+            kiln::cli::worker(
+                Client::new(&cli.hub, Some(token)),
+                &a.data,
+                a.slots,
+                a.name.clone(),
+            )
+            .await?
+        }
         Cmd::CheckConfig(a) => kiln::cli::check_config(&load_config(cli.config.as_ref(), a)?),
         Cmd::Build(b) => match (&b.cmd, &b.dir) {
             (None, Some(dir)) => return kiln::cli::build_local(dir, &b.out, b.data.clone()).await,

@@ -117,7 +117,8 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     let cancel = hub.shutdown.child_token();
     lock(&hub.running).insert(task_id, cancel.clone());
     let heartbeat = spawn_heartbeat(hub.clone(), task_id, fence, cancel.clone());
-    let result = execute(hub, slot, worker, &leased, cancel.clone()).await;
+    let limits = hub.config.limits(&leased.task.target);
+    let result = execute(hub, slot, worker, &leased, limits, cancel.clone()).await;
     heartbeat.abort();
     lock(&hub.running).remove(&task_id);
     if hub.shutdown.is_cancelled() {
@@ -260,6 +261,7 @@ async fn execute(
     slot: u32,
     worker: &str,
     leased: &Leased,
+    limits: crate::config::TaskLimits,
     cancel: CancellationToken,
 ) -> Result<(TaskEnd, Option<LogWriter>), ExecError> {
     let task = &leased.task;
@@ -269,7 +271,6 @@ async fn execute(
         .join(format!("task-{}-{}", task.id, leased.fence));
     let build_dir = work.join("build");
     let out_dir = work.join("out");
-    let limits = hub.config.limits(&task.target);
     // A project target (buildroot, arch, repo); `host` is the implicit one
     // of script builds.
     let target = match task.target.as_str() {
@@ -644,6 +645,173 @@ fn map_outcome(o: sandbox::Outcome, limits: &crate::config::TaskLimits) -> Outco
             Outcome::DiskLimit(limits.disk_limit_bytes.unwrap_or_default())
         }
     }
+}
+
+/// A remote worker's slot: leases tasks from the hub behind `client` and
+/// runs them against `local`, the worker's own store (its CAS keeps blobs
+/// across tasks, so a source seen before is not fetched again), then
+/// uploads what the hub lacks and reports the end under the lease's fence.
+/// Runs until `local` shuts down.
+pub async fn run_remote_slot(
+    client: crate::client::Client,
+    local: Arc<Hub>,
+    slot: u32,
+    name: String,
+) {
+    loop {
+        let lease = tokio::select! {
+            _ = local.shutdown.cancelled() => return,
+            l = client.worker_lease(&name, 25) => l,
+        };
+        match lease {
+            Ok(Some(l)) => {
+                let task = l.task.id;
+                if let Err(e) = run_remote_task(&client, &local, slot, &name, l).await {
+                    tracing::error!(task, error = %e, "remote task failed outside the build");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lease from the hub; retrying");
+                tokio::select! {
+                    _ = local.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error(transparent)]
+    Cas(#[from] crate::cas::CasError),
+    #[error("blob {0} from the hub does not match its digest")]
+    Corrupt(crate::cas::Digest),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn run_remote_task(
+    client: &crate::client::Client,
+    local: &Arc<Hub>,
+    slot: u32,
+    name: &str,
+    l: crate::remote::WorkerLease,
+) -> Result<(), RemoteError> {
+    let (task, fence) = (l.task.id, l.fence);
+    fetch_tree(client, &local.cas, &l.build.source).await?;
+    let cancel = local.shutdown.child_token();
+    let heartbeat = {
+        let (client, cancel) = (client.clone(), cancel.clone());
+        let every = Duration::from_millis((l.lease_ms / 3).max(100) as u64);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = client.worker_heartbeat(task, fence).await
+                    && e.status() == Some(409)
+                {
+                    tracing::warn!(task, "lease lost; stopping the task");
+                    cancel.cancel();
+                    return;
+                }
+            }
+        })
+    };
+    let leased = Leased {
+        task: l.task,
+        build: l.build,
+        fence,
+    };
+    let result = execute(local, slot, name, &leased, l.limits, cancel).await;
+    heartbeat.abort();
+    if local.shutdown.is_cancelled() {
+        // The hub re-queues the task when the lease runs out.
+        return Ok(());
+    }
+    let (end, log) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let end = TaskEnd {
+                outcome: Outcome::Infrastructure(e.to_string()),
+                log: None,
+                outputs: None,
+                artifacts: vec![],
+                publish: None,
+            };
+            (end, None)
+        }
+    };
+    // Everything the end names goes up first, only what the hub lacks.
+    let named: Vec<crate::cas::Digest> = end
+        .log
+        .iter()
+        .chain(end.outputs.iter())
+        .chain(end.artifacts.iter().map(|a| &a.digest))
+        .copied()
+        .collect();
+    for d in client.worker_missing(&named).await? {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut local.cas.open_blob(&d)?, &mut data)?;
+        client.worker_upload(&d, data).await?;
+    }
+    let report = crate::remote::EndReport {
+        fence,
+        outcome: end.outcome,
+        log: end.log,
+        outputs: end.outputs,
+        files: end
+            .artifacts
+            .iter()
+            .map(|a| crate::remote::OutputFile {
+                path: a.path.clone(),
+                digest: a.digest,
+                size: a.size,
+                mode: a.mode,
+            })
+            .collect(),
+    };
+    let sent = client.worker_end(task, &report).await;
+    if let Some(log) = log {
+        log.close();
+    }
+    sent?;
+    Ok(())
+}
+
+/// Makes the tree `digest` and its files present in the local store,
+/// fetching from the hub only what is missing (each blob verified).
+async fn fetch_tree(
+    client: &crate::client::Client,
+    cas: &Cas,
+    digest: &crate::cas::Digest,
+) -> Result<(), RemoteError> {
+    let mut want = vec![*digest];
+    let mut manifest = true;
+    while !want.is_empty() {
+        for d in std::mem::take(&mut want) {
+            if !cas.contains(&d) {
+                let bytes = client.blob(&d, false).await?.bytes().await.map_err(|e| {
+                    RemoteError::Io(std::io::Error::other(format!("fetching blob {d}: {e}")))
+                })?;
+                if crate::cas::Digest::of(&bytes) != d {
+                    return Err(RemoteError::Corrupt(d));
+                }
+                cas.put_bytes(&bytes)?;
+            }
+        }
+        if manifest {
+            manifest = false;
+            for e in &cas.get_tree(digest)?.entries {
+                if let crate::cas::EntryKind::File { digest, .. } = &e.kind {
+                    want.push(*digest);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where `kiln build DIR` keeps its store when no hub runs.

@@ -148,3 +148,68 @@ async fn a_waiting_worker_gets_a_task_as_soon_as_it_is_queued() {
     );
     h.stop().await;
 }
+
+/// `kiln worker` as its own process runs the hub's tasks in its sandboxes
+/// and reports them; the hub has no local slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kiln_worker_process_runs_the_hubs_builds() {
+    let mut h = hub(0).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut worker = std::process::Command::new(crate::kiln_exe())
+        .args([
+            "worker",
+            "--hub",
+            &h.url(),
+            "--token",
+            &h.token,
+            "--slots",
+            "1",
+        ])
+        .args(["--name", "w-remote", "--data"])
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(data.path().join("worker.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let src = script_tree(
+        "far",
+        "echo \"built on $(hostname)\" > $KILN_OUT/where.txt; echo remote-output-line",
+        &["*.txt"],
+    );
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            h.client
+                .submit_dir(src.path(), None, None)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in ids {
+        let v = h.client.wait(id, BUILD_TIMEOUT).await.unwrap();
+        let log = h.client.log_text(id).await.unwrap_or_default();
+        let wlog = std::fs::read_to_string(data.path().join("worker.log")).unwrap_or_default();
+        assert_eq!(v.detail.build.state, BuildState::Succeeded, "{log}\n{wlog}");
+        assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w-remote"));
+        assert!(log.contains("remote-output-line"), "{log}");
+        let got = reqwest::get(format!(
+            "{}/api/v1/builds/{id}/artifacts/where.txt",
+            h.url()
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        assert_eq!(got, "built on kiln\n");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "{status}");
+    h.stop().await;
+}
