@@ -477,6 +477,22 @@ impl Db {
         Ok(Some(leased))
     }
 
+    /// Running tasks whose lease ran out before `now`: `(task, fence, worker)`.
+    /// Reads only the running set (one row per busy slot).
+    pub fn expired_leases(&self, now: i64) -> Result<Vec<(TaskId, u64, String)>> {
+        let tx = self.db.begin_read()?;
+        let tasks = tx.open_table(TASKS)?;
+        let mut out = Vec::new();
+        for row in tx.open_table(RUNNING)?.iter()? {
+            let (id, _) = row?;
+            let t: Task = get_rec(&tasks, id.value())?.ok_or(DbError::TaskNotFound(id.value()))?;
+            if let Some(l) = t.lease.filter(|l| l.expires < now) {
+                out.push((t.id, l.fence, l.worker));
+            }
+        }
+        Ok(out)
+    }
+
     /// Extends a lease. Fails with `StaleLease` when the task was given to
     /// someone else (or ended) meanwhile: the worker must stop.
     pub fn heartbeat(&self, task: TaskId, fence: u64, lease_ms: i64) -> Result<()> {

@@ -88,6 +88,7 @@ pub async fn start(config: Config, kiln_exe: PathBuf) -> Result<Running, HubErro
         let hub = hub.clone();
         async move { repos::publish_due(&hub).await }
     });
+    tokio::spawn(scheduler::reap_expired_leases(hub.clone()));
     let slots = (0..slots as u32)
         .map(|i| tokio::spawn(worker::run_slot(hub.clone(), i)))
         .collect();

@@ -117,6 +117,52 @@ pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, DbError> {
     Ok(leased)
 }
 
+/// Ends every task whose worker stopped heartbeating (a remote worker that
+/// died or lost its link) as an infrastructure failure: it is re-queued
+/// while attempts remain, and the worker's late end is refused by the
+/// fence. Runs until the hub shuts down.
+pub async fn reap_expired_leases(hub: Arc<Hub>) {
+    let every = std::time::Duration::from_millis((hub.config.build.lease_secs * 250).max(100));
+    loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let h = hub.clone();
+        let reaped = tokio::task::spawn_blocking(move || -> Result<usize, DbError> {
+            let expired = h.db.expired_leases(crate::model::now_ms())?;
+            let max = h.config.build.max_attempts;
+            for (task, fence, worker) in &expired {
+                let end = crate::db::TaskEnd {
+                    outcome: crate::model::Outcome::Infrastructure(format!(
+                        "lease expired: worker {worker} stopped answering"
+                    )),
+                    log: None,
+                    outputs: None,
+                    artifacts: vec![],
+                    publish: None,
+                };
+                match h.db.finish_task(*task, *fence, end, max) {
+                    Ok(_) | Err(DbError::StaleLease { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                tracing::warn!(task, %worker, "lease expired; task ended as an infrastructure failure");
+            }
+            Ok(expired.len())
+        })
+        .await;
+        match reaped {
+            Ok(Ok(0)) => {}
+            Ok(Ok(_)) => {
+                hub.queued.notify_waiters();
+                hub.changed();
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot reap expired leases"),
+            Err(e) => tracing::error!(error = %e, "lease reaper panicked"),
+        }
+    }
+}
+
 /// Why a queued task is not running yet, in words.
 pub fn why_waiting(hub: &Hub, task: crate::model::TaskId) -> Result<Option<String>, DbError> {
     let Some(q) = hub.db.queue_position(task)? else {

@@ -149,6 +149,25 @@ async fn a_waiting_worker_gets_a_task_as_soon_as_it_is_queued() {
     h.stop().await;
 }
 
+fn start_worker(h: &TestHub, name: &str, data: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(crate::kiln_exe())
+        .args([
+            "worker",
+            "--hub",
+            &h.url(),
+            "--token",
+            &h.token,
+            "--slots",
+            "1",
+        ])
+        .args(["--name", name, "--data"])
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 /// `kiln worker` as its own process runs the hub's tasks in its sandboxes
 /// and reports them; the hub has no local slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +208,7 @@ async fn a_kiln_worker_process_runs_the_hubs_builds() {
     for id in ids {
         let v = h.client.wait(id, BUILD_TIMEOUT).await.unwrap();
         let log = h.client.log_text(id).await.unwrap_or_default();
-        let wlog = std::fs::read_to_string(data.path().join("worker.log")).unwrap_or_default();
+        let wlog = std::fs::read_to_string(data.path().join("w.log")).unwrap_or_default();
         assert_eq!(v.detail.build.state, BuildState::Succeeded, "{log}\n{wlog}");
         assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w-remote"));
         assert!(log.contains("remote-output-line"), "{log}");
@@ -211,5 +230,44 @@ async fn a_kiln_worker_process_runs_the_hubs_builds() {
     .unwrap();
     let status = worker.wait().unwrap();
     assert!(status.success(), "{status}");
+    h.stop().await;
+}
+
+/// A worker killed mid-task: its lease runs out, the task is re-queued as
+/// an infrastructure failure and finishes on another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_of_a_killed_worker_finishes_on_another() {
+    let mut h = hub_with(0, |c| c.build.lease_secs = 2).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut first = start_worker(&h, "w-first", &data.path().join("a"));
+    let src = script_tree(
+        "moved",
+        "sleep 3; echo finished > $KILN_OUT/x.txt",
+        &["*.txt"],
+    );
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = h.client.build(b.id).await.unwrap();
+        if v.detail.task_list[0].worker.as_deref() == Some("w-first") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first worker never took it: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = start_worker(&h, "w-second", &data.path().join("b"));
+    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    let wlog = std::fs::read_to_string(data.path().join("b.log")).unwrap_or_default();
+    assert_eq!(v.detail.build.state, BuildState::Succeeded, "{v:?}\n{wlog}");
+    let t = &v.detail.task_list[0];
+    assert_eq!(t.worker.as_deref(), Some("w-second"));
+    assert_eq!(t.attempt, 2);
+    second.kill().unwrap();
+    second.wait().unwrap();
     h.stop().await;
 }
