@@ -159,6 +159,20 @@ pub struct TaskEnd {
     pub publish: Option<(String, String, Vec<RepoDeb>)>,
 }
 
+impl TaskEnd {
+    /// An end for a task that failed outside its build (set-up, lost
+    /// lease): no log or outputs; re-queued while attempts remain.
+    pub fn infrastructure(why: String) -> TaskEnd {
+        TaskEnd {
+            outcome: Outcome::Infrastructure(why),
+            log: None,
+            outputs: None,
+            artifacts: vec![],
+            publish: None,
+        }
+    }
+}
+
 pub struct Db {
     db: Database,
 }

@@ -133,15 +133,9 @@ pub async fn reap_expired_leases(hub: Arc<Hub>) {
             let expired = h.db.expired_leases(crate::model::now_ms())?;
             let max = h.config.build.max_attempts;
             for (task, fence, worker) in &expired {
-                let end = crate::db::TaskEnd {
-                    outcome: crate::model::Outcome::Infrastructure(format!(
-                        "lease expired: worker {worker} stopped answering"
-                    )),
-                    log: None,
-                    outputs: None,
-                    artifacts: vec![],
-                    publish: None,
-                };
+                let end = crate::db::TaskEnd::infrastructure(format!(
+                    "lease expired: worker {worker} stopped answering"
+                ));
                 match h.db.finish_task(*task, *fence, end, max) {
                     Ok(_) | Err(DbError::StaleLease { .. }) => {}
                     Err(e) => return Err(e),

@@ -129,13 +129,7 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
         Ok(v) => v,
         Err(e) => {
             tracing::error!(task = task_id, error = %e, "task failed outside the build");
-            let end = TaskEnd {
-                outcome: Outcome::Infrastructure(e.to_string()),
-                log: None,
-                outputs: None,
-                artifacts: vec![],
-                publish: None,
-            };
+            let end = TaskEnd::infrastructure(e.to_string());
             (end, None)
         }
     };
@@ -734,13 +728,7 @@ async fn run_remote_task(
     let (end, log) = match result {
         Ok(v) => v,
         Err(e) => {
-            let end = TaskEnd {
-                outcome: Outcome::Infrastructure(e.to_string()),
-                log: None,
-                outputs: None,
-                artifacts: vec![],
-                publish: None,
-            };
+            let end = TaskEnd::infrastructure(e.to_string());
             (end, None)
         }
     };

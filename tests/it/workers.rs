@@ -174,22 +174,7 @@ fn start_worker(h: &TestHub, name: &str, data: &std::path::Path) -> std::process
 async fn a_kiln_worker_process_runs_the_hubs_builds() {
     let mut h = hub(0).await;
     let data = tempfile::tempdir().unwrap();
-    let mut worker = std::process::Command::new(crate::kiln_exe())
-        .args([
-            "worker",
-            "--hub",
-            &h.url(),
-            "--token",
-            &h.token,
-            "--slots",
-            "1",
-        ])
-        .args(["--name", "w-remote", "--data"])
-        .arg(data.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(data.path().join("worker.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut worker = start_worker(&h, "w-remote", &data.path().join("w"));
     let src = script_tree(
         "far",
         "echo \"built on $(hostname)\" > $KILN_OUT/where.txt; echo remote-output-line",
