@@ -147,6 +147,13 @@ impl Default for ServerConfig {
     }
 }
 
+impl BuildConfig {
+    /// A lease's length in milliseconds, as the database keeps it.
+    pub fn lease_ms(&self) -> i64 {
+        self.lease_secs as i64 * 1000
+    }
+}
+
 impl Default for BuildConfig {
     fn default() -> Self {
         BuildConfig {

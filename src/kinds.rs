@@ -182,19 +182,11 @@ impl Recipe {
     /// is the `Source:` of debian/control.
     pub fn deb(control: &[u8]) -> Result<Recipe, RecipeError> {
         let bad = RecipeError::Control;
-        let text = std::str::from_utf8(control).map_err(|_| bad("not UTF-8".into()))?;
-        let source = text
-            .lines()
-            .take_while(|l| !l.trim().is_empty())
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("Source")
-                    .then(|| v.trim().to_string())
-            })
+        let fields = first_paragraph(control).map_err(bad)?;
+        let source = field(&fields, "Source")
             .ok_or_else(|| bad("no Source: field in its first paragraph".into()))?;
-        validate_name(&source).map_err(|m| bad(format!("Source {m}")))?;
-        Ok(Recipe::deb_named(source))
+        validate_name(source).map_err(|m| bad(format!("Source {m}")))?;
+        Ok(Recipe::deb_named(source.to_string()))
     }
 
     fn deb_named(source: String) -> Recipe {
@@ -219,20 +211,11 @@ impl Recipe {
     /// of that size and SHA256 (checked against the tree's own digests).
     pub fn dsc(name: &str, dsc: &[u8], tree: &Tree) -> Result<Recipe, RecipeError> {
         let bad = |m: String| RecipeError::Dsc(format!("{name}: {m}"));
-        let text = std::str::from_utf8(dsc).map_err(|_| bad("not UTF-8".into()))?;
-        let fields = deb822_fields(strip_clearsign(text));
-        let field = |k: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(k))
-                .map(|(_, v)| v.as_str())
-        };
-        let source = field("Source")
-            .map(str::trim)
-            .ok_or_else(|| bad("no Source: field".into()))?;
+        let fields = first_paragraph(dsc).map_err(bad)?;
+        let source = field(&fields, "Source").ok_or_else(|| bad("no Source: field".into()))?;
         validate_name(source).map_err(|m| bad(format!("Source {m}")))?;
-        let sums =
-            field("Checksums-Sha256").ok_or_else(|| bad("no Checksums-Sha256: field".into()))?;
+        let sums = field(&fields, "Checksums-Sha256")
+            .ok_or_else(|| bad("no Checksums-Sha256: field".into()))?;
         let mut n = 0;
         for line in sums.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let mut it = line.split_whitespace();
@@ -338,12 +321,9 @@ impl Recipe {
 
 /// The file names a `.dsc` lists in `Checksums-Sha256` (or `Files`).
 pub fn dsc_files(dsc: &[u8]) -> Result<Vec<String>, String> {
-    let text = std::str::from_utf8(dsc).map_err(|_| "not UTF-8".to_string())?;
-    let fields = deb822_fields(strip_clearsign(text));
-    let list = ["Checksums-Sha256", "Files"]
-        .iter()
-        .find_map(|k| fields.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)))
-        .map(|(_, v)| v)
+    let fields = first_paragraph(dsc)?;
+    let list = field(&fields, "Checksums-Sha256")
+        .or_else(|| field(&fields, "Files"))
         .ok_or("no Checksums-Sha256: or Files: field")?;
     let names: Vec<String> = list
         .lines()
@@ -370,27 +350,19 @@ fn strip_clearsign(text: &str) -> String {
         .join("\n")
 }
 
-/// The fields of a deb822 file's first paragraph, continuation lines joined
-/// with newlines.
-fn deb822_fields(text: String) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for line in text.lines() {
-        if line.trim().is_empty() {
-            if out.is_empty() {
-                continue;
-            }
-            break;
-        }
-        if line.starts_with([' ', '\t']) {
-            if let Some((_, v)) = out.last_mut() {
-                v.push('\n');
-                v.push_str(line.trim());
-            }
-        } else if let Some((k, v)) = line.split_once(':') {
-            out.push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    out
+/// The first deb822 paragraph of `bytes` (a `debian/control`, or a
+/// `.dsc`, clear-signed or not), by the parser `.deb` control files use.
+fn first_paragraph(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    crate::publish::deb::parse_paragraph(&strip_clearsign(text), true).map_err(|e| e.to_string())
+}
+
+/// A field's value, by name as dpkg matches it (case-insensitively).
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// Project and package names: 1–64 of `[A-Za-z0-9._+-]`, not starting with

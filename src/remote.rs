@@ -22,8 +22,8 @@ use crate::cas::Digest;
 use crate::config::TaskLimits;
 use crate::db::TaskEnd;
 use crate::hub::Hub;
-use crate::model::{Artifact, Build, HOST_TARGET, Outcome, Task, TaskId};
-use crate::server::{ApiError, ApiResult, Caller, require_admin};
+use crate::model::{Artifact, Build, HOST_TARGET, Outcome, Task};
+use crate::server::{ApiError, ApiResult, WorkerCaller, parse_task_id};
 
 /// Longest a lease request waits for work.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -88,27 +88,17 @@ pub struct EndReport {
     pub files: Vec<OutputFile>,
 }
 
-fn task_id(s: &str) -> ApiResult<TaskId> {
-    s.parse()
-        .map_err(|_| ApiError::BadRequest(format!("task id {s:?} is not a number")))
-}
-
 fn json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))
 }
 
 /// `POST /api/v1/worker/lease`: a task under a fresh lease (200), or 204
 /// when none came within `wait_secs`.
-async fn lease(
-    Caller(caller): Caller,
-    State(hub): State<Arc<Hub>>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    require_admin(&caller, "act as a worker")?;
+async fn lease(_: WorkerCaller, State(hub): State<Arc<Hub>>, body: Bytes) -> ApiResult<Response> {
     let req: LeaseRequest = json(&body, "lease request")?;
     crate::kinds::validate_name(&req.worker)
         .map_err(|m| ApiError::BadRequest(format!("worker {m}")))?;
-    let lease_ms = hub.config.build.lease_secs as i64 * 1000;
+    let lease_ms = hub.config.build.lease_ms();
     let deadline = tokio::time::Instant::now() + MAX_WAIT.min(Duration::from_secs(req.wait_secs));
     loop {
         let notified = hub.queued.notified();
@@ -143,26 +133,24 @@ async fn lease(
 /// `POST /api/v1/worker/tasks/ID/heartbeat` `{"fence"}`: 204, or 409 when
 /// the lease is gone (the worker must stop the task).
 async fn heartbeat(
-    Caller(caller): Caller,
+    _: WorkerCaller,
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    require_admin(&caller, "act as a worker")?;
     let f: Fence = json(&body, "heartbeat")?;
-    let lease_ms = hub.config.build.lease_secs as i64 * 1000;
-    hub.db.heartbeat(task_id(&id)?, f.fence, lease_ms)?;
+    let lease_ms = hub.config.build.lease_ms();
+    hub.db.heartbeat(parse_task_id(&id)?, f.fence, lease_ms)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /api/v1/worker/blobs/missing` `[digest, …]`: the ones the hub
 /// lacks, so a worker uploads nothing twice.
 async fn missing(
-    Caller(caller): Caller,
+    _: WorkerCaller,
     State(hub): State<Arc<Hub>>,
     body: Bytes,
 ) -> ApiResult<Json<Vec<Digest>>> {
-    require_admin(&caller, "act as a worker")?;
     let wanted: Vec<Digest> = json(&body, "digest list")?;
     Ok(Json(
         wanted
@@ -174,12 +162,11 @@ async fn missing(
 
 /// `PUT /api/v1/worker/blobs/HEX`: stores the body if its sha256 is HEX.
 async fn upload(
-    Caller(caller): Caller,
+    _: WorkerCaller,
     State(hub): State<Arc<Hub>>,
     Path(hex): Path<String>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    require_admin(&caller, "act as a worker")?;
     let want: Digest = hex
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("{hex:?} is not a sha256 digest")))?;
@@ -197,20 +184,19 @@ async fn upload(
 /// (409 if stale) once every blob it names is in the store (400 naming the
 /// first that is not).
 async fn end(
-    Caller(caller): Caller,
+    _: WorkerCaller,
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Build>> {
-    require_admin(&caller, "act as a worker")?;
-    let id = task_id(&id)?;
+    let id = parse_task_id(&id)?;
     let r: EndReport = json(&body, "end report")?;
-    let named = r
+    let mut named = r
         .log
         .iter()
         .chain(r.outputs.iter())
         .chain(r.files.iter().map(|f| &f.digest));
-    if let Some(d) = named.into_iter().find(|d| !hub.cas.contains(d)) {
+    if let Some(d) = named.find(|d| !hub.cas.contains(d)) {
         return Err(ApiError::BadRequest(format!(
             "blob {d} is not on the hub: upload it first"
         )));

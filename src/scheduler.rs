@@ -109,7 +109,7 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
 
 /// Leases the next queued task to `worker`, if any.
 pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, DbError> {
-    let lease_ms = hub.config.build.lease_secs as i64 * 1000;
+    let lease_ms = hub.config.build.lease_ms();
     let leased = hub.db.lease_next(worker, lease_ms)?;
     if leased.is_some() {
         hub.changed();

@@ -180,6 +180,17 @@ impl FromRequestParts<Arc<Hub>> for Caller {
     }
 }
 
+/// A request from a worker (an admin token until join tokens exist).
+pub struct WorkerCaller;
+
+impl FromRequestParts<Arc<Hub>> for WorkerCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> ApiResult<Self> {
+        let Caller(token) = Caller::from_request_parts(parts, hub).await?;
+        require_admin(&token, "act as a worker").map(|_| WorkerCaller)
+    }
+}
+
 /// A request allowed to read: anyone when reads are public, else a token.
 pub struct Reader;
 
@@ -289,7 +300,7 @@ async fn get_build(
     Ok(Json(BuildView { detail, waiting }))
 }
 
-fn parse_task_id(s: &str) -> ApiResult<crate::model::TaskId> {
+pub(crate) fn parse_task_id(s: &str) -> ApiResult<crate::model::TaskId> {
     s.parse()
         .map_err(|_| ApiError::BadRequest(format!("task id {s:?} is not a number")))
 }

@@ -215,7 +215,7 @@ fn spawn_heartbeat(
     fence: u64,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let lease_ms = hub.config.build.lease_secs as i64 * 1000;
+    let lease_ms = hub.config.build.lease_ms();
     let every = Duration::from_millis((lease_ms / 3).max(100) as u64);
     tokio::spawn(async move {
         loop {
@@ -776,29 +776,31 @@ async fn fetch_tree(
     cas: &Cas,
     digest: &crate::cas::Digest,
 ) -> Result<(), RemoteError> {
-    let mut want = vec![*digest];
-    let mut manifest = true;
-    while !want.is_empty() {
-        for d in std::mem::take(&mut want) {
-            if !cas.contains(&d) {
-                let bytes = client.blob(&d, false).await?.bytes().await.map_err(|e| {
-                    RemoteError::Io(std::io::Error::other(format!("fetching blob {d}: {e}")))
-                })?;
-                if crate::cas::Digest::of(&bytes) != d {
-                    return Err(RemoteError::Corrupt(d));
-                }
-                cas.put_bytes(&bytes)?;
-            }
-        }
-        if manifest {
-            manifest = false;
-            for e in &cas.get_tree(digest)?.entries {
-                if let crate::cas::EntryKind::File { digest, .. } = &e.kind {
-                    want.push(*digest);
-                }
-            }
+    fetch_blob(client, cas, digest).await?;
+    for e in cas.get_tree(digest)?.entries {
+        if let crate::cas::EntryKind::File { digest, .. } = e.kind {
+            fetch_blob(client, cas, &digest).await?;
         }
     }
+    Ok(())
+}
+
+async fn fetch_blob(
+    client: &crate::client::Client,
+    cas: &Cas,
+    d: &crate::cas::Digest,
+) -> Result<(), RemoteError> {
+    if cas.contains(d) {
+        return Ok(());
+    }
+    let bytes =
+        client.blob(d, false).await?.bytes().await.map_err(|e| {
+            RemoteError::Io(std::io::Error::other(format!("fetching blob {d}: {e}")))
+        })?;
+    if crate::cas::Digest::of(&bytes) != *d {
+        return Err(RemoteError::Corrupt(*d));
+    }
+    cas.put_bytes(&bytes)?;
     Ok(())
 }
 

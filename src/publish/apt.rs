@@ -578,12 +578,15 @@ fn compress_indexes(
     }
     let used: std::collections::HashSet<[u8; 32]> = keys.iter().copied().collect();
     cache.chunks.retain(|k, _| used.contains(k));
+    // `keys` holds every chunk's key in this same order.
+    let mut key = keys.iter();
     let mut out = Vec::new();
     for (_, chunks) in per_arch {
         let mut gz = Vec::new();
         let mut blocks = Vec::new();
-        for c in chunks {
-            let cc = cache.chunks[&chunk_key(c)].clone();
+        for _ in chunks {
+            let k = key.next().expect("a key per chunk");
+            let cc = cache.chunks[k].clone();
             gz.extend_from_slice(&cc.gz);
             blocks.push(cc);
         }

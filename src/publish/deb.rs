@@ -86,69 +86,9 @@ pub struct Control {
 impl Control {
     /// Parses a single deb822 paragraph (the `control` file of a `.deb`).
     pub fn parse(text: &str) -> Result<Control, DebError> {
-        let mut fields: Vec<(String, String)> = Vec::new();
-        let mut ended_at = None;
-        for (i, raw) in text.split('\n').enumerate() {
-            let line_no = i + 1;
-            let line = raw.strip_suffix('\r').unwrap_or(raw);
-            if let Some(end) = ended_at {
-                if !line.trim().is_empty() {
-                    return Err(DebError::Syntax {
-                        line: line_no,
-                        msg: format!("more than one paragraph (first ended at line {end})"),
-                    });
-                }
-                continue;
-            }
-            if line.is_empty() {
-                if !fields.is_empty() {
-                    ended_at = Some(line_no);
-                }
-                continue;
-            }
-            if line.starts_with([' ', '\t']) {
-                // A whitespace-only continuation line is treated by some deb822 parsers
-                // as a paragraph break: refuse it rather than guess.
-                if line.trim().is_empty() {
-                    return Err(DebError::Syntax {
-                        line: line_no,
-                        msg: "whitespace-only line".into(),
-                    });
-                }
-                let Some((_, value)) = fields.last_mut() else {
-                    return Err(DebError::Syntax {
-                        line: line_no,
-                        msg: "continuation line before any field".into(),
-                    });
-                };
-                value.push('\n');
-                value.push_str(line.trim_end());
-                continue;
-            }
-            if line.starts_with('#') {
-                continue; // comment (dpkg accepts these in control files)
-            }
-            let Some((name, value)) = line.split_once(':') else {
-                return Err(DebError::Syntax {
-                    line: line_no,
-                    msg: "expected \"Field: value\"".into(),
-                });
-            };
-            if !valid_field_name(name) {
-                return Err(DebError::Syntax {
-                    line: line_no,
-                    msg: format!("invalid field name {name:?}"),
-                });
-            }
-            if fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
-                return Err(DebError::Syntax {
-                    line: line_no,
-                    msg: format!("duplicate field {name}"),
-                });
-            }
-            fields.push((name.to_string(), value.trim().to_string()));
-        }
-        let c = Control { fields };
+        let c = Control {
+            fields: parse_paragraph(text, false)?,
+        };
         c.validate()?;
         Ok(c)
     }
@@ -288,6 +228,78 @@ pub struct DebInfo {
     pub size: u64,
     /// SHA-256 of the whole file.
     pub sha256: [u8; 32],
+}
+
+/// The fields of a deb822 paragraph, in file order (see [`Control`] for how
+/// values are kept). With `only_first`, what follows the first paragraph is
+/// ignored (a `debian/control`, a `.dsc`); without, it must be blank.
+pub fn parse_paragraph(text: &str, only_first: bool) -> Result<Vec<(String, String)>, DebError> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let mut ended_at = None;
+    for (i, raw) in text.split('\n').enumerate() {
+        let line_no = i + 1;
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if let Some(end) = ended_at {
+            if only_first {
+                break;
+            }
+            if !line.trim().is_empty() {
+                return Err(DebError::Syntax {
+                    line: line_no,
+                    msg: format!("more than one paragraph (first ended at line {end})"),
+                });
+            }
+            continue;
+        }
+        if line.is_empty() {
+            if !fields.is_empty() {
+                ended_at = Some(line_no);
+            }
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            // A whitespace-only continuation line is treated by some deb822 parsers
+            // as a paragraph break: refuse it rather than guess.
+            if line.trim().is_empty() {
+                return Err(DebError::Syntax {
+                    line: line_no,
+                    msg: "whitespace-only line".into(),
+                });
+            }
+            let Some((_, value)) = fields.last_mut() else {
+                return Err(DebError::Syntax {
+                    line: line_no,
+                    msg: "continuation line before any field".into(),
+                });
+            };
+            value.push('\n');
+            value.push_str(line.trim_end());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue; // comment (dpkg accepts these in control files)
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(DebError::Syntax {
+                line: line_no,
+                msg: "expected \"Field: value\"".into(),
+            });
+        };
+        if !valid_field_name(name) {
+            return Err(DebError::Syntax {
+                line: line_no,
+                msg: format!("invalid field name {name:?}"),
+            });
+        }
+        if fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return Err(DebError::Syntax {
+                line: line_no,
+                msg: format!("duplicate field {name}"),
+            });
+        }
+        fields.push((name.to_string(), value.trim().to_string()));
+    }
+    Ok(fields)
 }
 
 /// Reads only as far as the `control` file and returns its paragraph.
