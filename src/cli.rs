@@ -55,34 +55,67 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln worker`: checks the hub answers, opens the worker's own store and
-/// runs `slots` lease loops until SIGINT/SIGTERM.
-pub async fn worker(
-    client: Client,
-    data: &Path,
-    slots: Option<usize>,
-    name: Option<String>,
-) -> anyhow::Result<()> {
+/// What `kiln worker` runs with.
+pub struct WorkerOptions {
+    pub hub: String,
+    /// A join token (`kwj1.…`) or an admin API token.
+    pub token: String,
+    pub data: PathBuf,
+    pub slots: Option<usize>,
+    pub name: Option<String>,
+    pub features: Vec<String>,
+    pub self_update: bool,
+}
+
+/// The client a worker talks to its hub with: a join token's secret, and
+/// its certificate fingerprint pinned for an `https://` hub.
+pub fn worker_client(hub: &str, token: &str) -> anyhow::Result<Client> {
+    let join = crate::workers::JoinToken::parse(token).map_err(|m| anyhow::anyhow!(m))?;
+    Ok(match join {
+        Some(j) => Client::new(hub, Some(j.secret)),
+        None => Client::new(hub, Some(token.to_string())),
+    })
+}
+
+/// `kiln worker`: checks the hub answers and who the token speaks for,
+/// opens the worker's own store and runs `slots` lease loops until
+/// SIGINT/SIGTERM.
+pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let health = client.health().await?;
-    let name = match name {
-        Some(n) => n,
-        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    let client = worker_client(&o.hub, &o.token)?;
+    let who = client.worker_whoami().await?;
+    let name = match (o.name, who.worker) {
+        (Some(n), _) => n,
+        (None, Some(n)) => n,
+        (None, None) => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
     crate::kinds::validate_name(&name).map_err(|m| anyhow::anyhow!("worker name {m}"))?;
+    for f in &o.features {
+        crate::kinds::validate_name(f).map_err(|m| anyhow::anyhow!("feature {m}"))?;
+    }
     let mut config = Config::default();
-    config.server.data = data.to_owned();
+    config.server.data = o.data.clone();
     config.build.slots = 0;
-    let slots =
-        slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let slots = o
+        .slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let exe = std::env::current_exe().context("locating the kiln binary")?;
     let local = crate::hub::Hub::open(config, exe)?;
+    let info = std::sync::Arc::new(crate::workers::WorkerInfo::probe(
+        &o.data,
+        slots as u32,
+        &o.features,
+        false,
+    ));
     eprintln!(
-        "kiln: worker {name} with {slots} slot(s) on hub {} (kiln {})",
+        "kiln: worker {name} ({}, {} cores) with {slots} slot(s) on hub {} (hub kiln {}, this kiln {})",
+        info.arch,
+        info.cores,
         client.base_url(),
-        health.version
+        who.hub_version,
+        info.version,
     );
     let loops: Vec<_> = (0..slots)
         .map(|s| {
@@ -91,6 +124,7 @@ pub async fn worker(
                 local.clone(),
                 s as u32,
                 name.clone(),
+                info.clone(),
             ))
         })
         .collect();
@@ -102,6 +136,58 @@ pub async fn worker(
     local.shutdown.cancel();
     for l in loops {
         let _ = l.await;
+    }
+    Ok(())
+}
+
+/// `kiln worker list`: one line per worker.
+pub async fn worker_list(client: &Client) -> anyhow::Result<()> {
+    println!(
+        "{:<16} {:<9} {:>4} {:<7} {:>5} {:>6} {:>6} {:>5}  LAST SEEN",
+        "NAME", "STATE", "RUN", "ARCH", "CORES", "OK", "INFRA", "QOS"
+    );
+    for w in client.workers().await? {
+        let (arch, cores) = w
+            .info
+            .as_ref()
+            .map_or(("?".to_string(), 0), |i| (i.arch.clone(), i.cores));
+        println!(
+            "{:<16} {:<9} {:>4} {:<7} {:>5} {:>6} {:>6} {:>5.1}  {}",
+            w.name,
+            w.state.to_string(),
+            w.running,
+            arch,
+            cores,
+            w.stats.succeeded,
+            w.stats.infra,
+            w.qos.rating,
+            crate::model::format_ms(w.last_seen)
+        );
+    }
+    Ok(())
+}
+
+/// `kiln worker show NAME`: everything the directory knows, as JSON.
+pub async fn worker_show(client: &Client, name: &str) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&client.worker(name).await?)?);
+    Ok(())
+}
+
+/// `kiln worker drain|enable|disable NAME`.
+pub async fn worker_set(client: &Client, name: &str, action: &str) -> anyhow::Result<()> {
+    let w = client.set_worker(name, action).await?;
+    println!("worker {}: {} ({} running)", w.name, w.state, w.running);
+    Ok(())
+}
+
+/// `kiln worker token list`.
+pub async fn worker_tokens(client: &Client) -> anyhow::Result<()> {
+    for t in client.worker_tokens().await? {
+        let state = match t.revoked {
+            Some(r) => format!("revoked {}", crate::model::format_ms(r)),
+            None => "live".to_string(),
+        };
+        println!("{}\tcreated {}\t{state}", t.name, crate::model::format_ms(t.created));
     }
     Ok(())
 }

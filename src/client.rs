@@ -255,12 +255,14 @@ impl Client {
         &self,
         worker: &str,
         wait_secs: u64,
+        info: Option<&crate::workers::WorkerInfo>,
     ) -> Result<Option<crate::remote::WorkerLease>> {
         let rb = self
             .req(reqwest::Method::POST, "/api/v1/worker/lease")
             .json(&crate::remote::LeaseRequest {
                 worker: worker.to_string(),
                 wait_secs,
+                info: info.cloned(),
             });
         let resp = self.send(rb).await?;
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
@@ -279,6 +281,68 @@ impl Client {
     }
 
     /// Extends a lease; an error (409) means the task is no longer ours.
+    /// Which worker this client's token speaks for.
+    pub async fn worker_whoami(&self) -> Result<crate::remote::WhoAmI> {
+        self.json(self.req(reqwest::Method::GET, "/api/v1/worker/whoami"))
+            .await
+    }
+
+    /// The worker directory.
+    pub async fn workers(&self) -> Result<Vec<crate::workers::WorkerView>> {
+        self.json(self.req(reqwest::Method::GET, "/api/v1/workers"))
+            .await
+    }
+
+    pub async fn worker(&self, name: &str) -> Result<crate::workers::WorkerView> {
+        self.json(self.req(reqwest::Method::GET, &format!("/api/v1/workers/{name}")))
+            .await
+    }
+
+    /// `action`: drain, enable or disable.
+    pub async fn set_worker(&self, name: &str, action: &str) -> Result<crate::workers::WorkerView> {
+        self.json(self.req(
+            reqwest::Method::POST,
+            &format!("/api/v1/workers/{name}/{action}"),
+        ))
+        .await
+    }
+
+    /// A join token for worker `name` (shown once).
+    pub async fn create_worker_token(&self, name: &str) -> Result<crate::remote::WorkerTokenCreated> {
+        self.json(
+            self.req(reqwest::Method::POST, "/api/v1/worker-tokens")
+                .json(&crate::remote::WorkerTokenRequest {
+                    name: name.to_string(),
+                }),
+        )
+        .await
+    }
+
+    pub async fn worker_tokens(&self) -> Result<Vec<crate::workers::WorkerToken>> {
+        self.json(self.req(reqwest::Method::GET, "/api/v1/worker-tokens"))
+            .await
+    }
+
+    pub async fn revoke_worker_token(&self, name: &str) -> Result<crate::workers::WorkerToken> {
+        self.json(self.req(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/worker-tokens/{name}"),
+        ))
+        .await
+    }
+
+    /// Sets a build's priority (admin; -100..=100, default 0).
+    pub async fn set_priority(&self, build: u64, priority: i64) -> Result<Build> {
+        self.json(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/api/v1/builds/{build}/priority"),
+            )
+            .json(&crate::server::PriorityRequest { priority }),
+        )
+        .await
+    }
+
     pub async fn worker_heartbeat(&self, task: u64, fence: u64) -> Result<()> {
         let rb = self
             .req(

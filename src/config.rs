@@ -89,6 +89,9 @@ pub struct BuildConfig {
     /// task's memory too). Filling it ends the task `disk limit`. Unset:
     /// `/build` and `/out` are plain dirs on the hub's disk, unlimited.
     pub disk_limit_bytes: Option<u64>,
+    /// Features the hub's own slots offer to targets that require them
+    /// (`kvm` is detected); see docs/workers.md.
+    pub features: Vec<String>,
 }
 
 /// `[targets.NAME]`: limits for tasks of one target; each overrides the
@@ -169,6 +172,7 @@ impl Default for BuildConfig {
             pids_limit: None,
             cpus: None,
             disk_limit_bytes: None,
+            features: Vec::new(),
         }
     }
 }

@@ -14,9 +14,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::cas::Digest;
+use crate::workers::{AdminState, Needs, Speeds, WorkerInfo, WorkerRecord, WorkerToken};
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, Lease, Outcome,
     Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token, now_ms,
+    HOST_TARGET,
 };
 
 /// Bumped whenever a stored type changes shape; `Db::open` refuses files from
@@ -56,6 +58,29 @@ const BUILDROOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("buildroot
 const BUILD_ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("build_origins");
 /// project → its OpenPGP signing key (armored secret key).
 const PROJECT_KEYS: TableDefinition<&str, &str> = TableDefinition::new("project_keys");
+/// The worker directory: name → `WorkerRecord`.
+const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
+/// Join tokens: sha256(secret) → `WorkerToken`.
+const WORKER_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("worker_tokens");
+/// Succeeded tasks' durations: (project/package/target, worker) → (count, total ms).
+const WORKER_SPEEDS: TableDefinition<(&str, &str), (u64, u64)> =
+    TableDefinition::new("worker_speeds");
+/// What a target's tasks need of a worker beyond its arch: `Needs`.
+const TARGET_NEEDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("target_needs");
+/// Builds an admin gave a priority other than 0.
+const BUILD_PRIORITY: TableDefinition<u64, i64> = TableDefinition::new("build_priority");
+
+/// Build priorities run from -100 to 100; a lane key is
+/// `(100 - priority) << 48 | queue seq`, so a lane is ordered by priority,
+/// then by submission.
+pub const MAX_PRIORITY: i64 = 100;
+const SEQ_BITS: u32 = 48;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+
+fn lane_rank(priority: i64, seq: u64) -> u64 {
+    ((MAX_PRIORITY - priority.clamp(-MAX_PRIORITY, MAX_PRIORITY)) as u64) << SEQ_BITS
+        | (seq & SEQ_MASK)
+}
 
 const K_SCHEMA: &str = "schema_version";
 const K_NEXT_BUILD: &str = "next_build";
@@ -209,6 +234,11 @@ impl Db {
             tx.open_table(BUILD_ORIGINS)?;
             tx.open_table(RUNNING)?;
             tx.open_table(LAST_SERVED)?;
+            tx.open_table(WORKERS)?;
+            tx.open_table(WORKER_TOKENS)?;
+            tx.open_table(WORKER_SPEEDS)?;
+            tx.open_table(TARGET_NEEDS)?;
+            tx.open_table(BUILD_PRIORITY)?;
             // Lanes came after the queue: rebuild them when they disagree.
             let lanes = tx.open_table(QUEUE_LANES)?.len()?;
             if lanes != tx.open_table(QUEUE)?.len()? {
@@ -334,7 +364,7 @@ impl Db {
             };
             tx.open_table(BUILDS)?.insert(id, enc(&build).as_slice())?;
             for tid in &build.tasks {
-                enqueue(&tx, &mut meta, project, *tid)?;
+                enqueue(&tx, &mut meta, project, id, *tid)?;
             }
             if let Some(o) = origin {
                 tx.open_table(BUILD_ORIGINS)?
@@ -444,23 +474,23 @@ impl Db {
         self.lease_next_where(worker, lease_ms, None)
     }
 
-    /// [`Db::lease_next`] among the tasks whose target `runs` accepts (a
-    /// remote worker cannot run every target).
+    /// [`Db::lease_next`] among the tasks whose needs `runs` accepts (the
+    /// worker's arch, features and resources).
     pub fn lease_next_where(
         &self,
         worker: &str,
         lease_ms: i64,
-        runs: Option<&dyn Fn(&str) -> bool>,
+        runs: Option<&dyn Fn(&Needs) -> bool>,
     ) -> Result<Option<Leased>> {
         let now = now_ms();
         let tx = self.db.begin_write()?;
         let leased = {
-            let Some((project, seq, tid)) = fair_head(&tx, runs)? else {
+            let Some((project, rank, tid)) = fair_head(&tx, runs)? else {
                 return Ok(None);
             };
-            tx.open_table(QUEUE)?.remove(seq)?;
+            tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
             tx.open_table(QUEUE_LANES)?
-                .remove((project.as_str(), seq))?;
+                .remove((project.as_str(), rank))?;
             tx.open_table(RUNNING)?.insert(tid, project.as_str())?;
             let mut meta = tx.open_table(META)?;
             let mut tasks = tx.open_table(TASKS)?;
@@ -540,7 +570,11 @@ impl Db {
             let mut tasks = tx.open_table(TASKS)?;
             let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
             check_fence(&t, fence)?;
-            t.lease = None;
+            if let Some(l) = t.lease.take() {
+                let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
+                    .ok_or(DbError::BuildNotFound(t.build))?;
+                record_worker_end(&tx, &l.worker, &t, &b, &end.outcome, now)?;
+            }
             tx.open_table(RUNNING)?.remove(task)?;
             if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
                 t.attempt += 1;
@@ -549,7 +583,7 @@ impl Db {
                 t.log = end.log;
                 let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
                     .ok_or(DbError::BuildNotFound(t.build))?;
-                enqueue(&tx, &mut tx.open_table(META)?, &b.project, task)?;
+                enqueue(&tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
                 tasks.insert(task, enc(&t).as_slice())?;
                 b
             } else {
@@ -624,9 +658,9 @@ impl Db {
                             seq = Some(k.value().1);
                         }
                     }
-                    if let Some(seq) = seq {
-                        lanes.remove((b.project.as_str(), seq))?;
-                        tx.open_table(QUEUE)?.remove(seq)?;
+                    if let Some(rank) = seq {
+                        lanes.remove((b.project.as_str(), rank))?;
+                        tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
                     }
                 }
                 _ => {}
@@ -637,7 +671,7 @@ impl Db {
                 t.state = BuildState::Queued;
                 t.attempt += 1;
                 t.finished = None;
-                enqueue(&tx, &mut tx.open_table(META)?, &b.project, task)?;
+                enqueue(&tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
             } else {
                 t.state = BuildState::Cancelled;
                 t.outcome = Some(Outcome::Cancelled);
@@ -648,6 +682,223 @@ impl Db {
         };
         tx.commit()?;
         Ok(build)
+    }
+
+    // ---- workers ----
+
+    /// Records a contact from `name` at `now` (creating its entry), with
+    /// the configuration it reports; returns the entry.
+    pub fn touch_worker(
+        &self,
+        name: &str,
+        info: Option<&WorkerInfo>,
+        now: i64,
+        gap_ms: i64,
+    ) -> Result<WorkerRecord> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut t = tx.open_table(WORKERS)?;
+            let mut rec: WorkerRecord =
+                get_rec(&t, name)?.unwrap_or_else(|| WorkerRecord::new(name, now));
+            rec.seen(now, gap_ms);
+            if let Some(i) = info {
+                rec.info = Some(i.clone());
+            }
+            t.insert(name, enc(&rec).as_slice())?;
+            rec
+        };
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    pub fn worker(&self, name: &str) -> Result<Option<WorkerRecord>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(WORKERS)?, name)
+    }
+
+    pub fn workers(&self) -> Result<Vec<WorkerRecord>> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(WORKERS)?.iter()? {
+            out.push(dec(row?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// How many tasks each worker runs now.
+    pub fn running_by_worker(&self) -> Result<std::collections::HashMap<String, u32>> {
+        let tx = self.db.begin_read()?;
+        let tasks = tx.open_table(TASKS)?;
+        let mut out = std::collections::HashMap::new();
+        for row in tx.open_table(RUNNING)?.iter()? {
+            let id = row?.0.value();
+            let t: Task = get_rec(&tasks, id)?.ok_or(DbError::TaskNotFound(id))?;
+            if let Some(l) = t.lease {
+                *out.entry(l.worker).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tasks `worker` runs now, with their fences.
+    pub fn running_on(&self, worker: &str) -> Result<Vec<TaskId>> {
+        let tx = self.db.begin_read()?;
+        let tasks = tx.open_table(TASKS)?;
+        let mut out = Vec::new();
+        for row in tx.open_table(RUNNING)?.iter()? {
+            let id = row?.0.value();
+            let t: Task = get_rec(&tasks, id)?.ok_or(DbError::TaskNotFound(id))?;
+            if t.lease.is_some_and(|l| l.worker == worker) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn worker_speeds(&self) -> Result<Speeds> {
+        let tx = self.db.begin_read()?;
+        let mut out = Speeds::new();
+        for row in tx.open_table(WORKER_SPEEDS)?.iter()? {
+            let (k, v) = row?;
+            let (pkg, w) = k.value();
+            out.insert((pkg.to_string(), w.to_string()), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Sets what admins allow a worker; `NotFound` for a worker never seen.
+    pub fn set_worker_admin(&self, name: &str, admin: AdminState) -> Result<WorkerRecord> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut t = tx.open_table(WORKERS)?;
+            let mut rec: WorkerRecord =
+                get_rec(&t, name)?.ok_or_else(|| DbError::NotFound(format!("worker {name:?}")))?;
+            rec.admin = admin;
+            t.insert(name, enc(&rec).as_slice())?;
+            rec
+        };
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    /// Stores a join token for worker `token.name`; refused while a live
+    /// one exists for that name.
+    pub fn insert_worker_token(&self, hash: &[u8; 32], token: &WorkerToken) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(WORKER_TOKENS)?;
+            for row in t.iter()? {
+                let old: WorkerToken = dec(row?.1.value())?;
+                if old.name == token.name && old.revoked.is_none() {
+                    return Err(DbError::Exists(format!(
+                        "a join token for worker {:?} (revoke it first)",
+                        token.name
+                    )));
+                }
+            }
+            t.insert(hash.as_slice(), enc(token).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn worker_token(&self, hash: &[u8; 32]) -> Result<Option<WorkerToken>> {
+        let tx = self.db.begin_read()?;
+        get_rec(&tx.open_table(WORKER_TOKENS)?, hash.as_slice())
+    }
+
+    pub fn worker_tokens(&self) -> Result<Vec<WorkerToken>> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in tx.open_table(WORKER_TOKENS)?.iter()? {
+            out.push(dec(row?.1.value())?);
+        }
+        out.sort_by_key(|t: &WorkerToken| t.created);
+        Ok(out)
+    }
+
+    /// Revokes the live join token of worker `name`.
+    pub fn revoke_worker_token(&self, name: &str) -> Result<WorkerToken> {
+        let tx = self.db.begin_write()?;
+        let tok = {
+            let mut t = tx.open_table(WORKER_TOKENS)?;
+            let mut found = None;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let tok: WorkerToken = dec(v.value())?;
+                if tok.name == name && tok.revoked.is_none() {
+                    found = Some((k.value().to_vec(), tok));
+                }
+            }
+            let (key, mut tok) = found
+                .ok_or_else(|| DbError::NotFound(format!("a live join token for worker {name:?}")))?;
+            tok.revoked = Some(now_ms());
+            t.insert(key.as_slice(), enc(&tok).as_slice())?;
+            tok
+        };
+        tx.commit()?;
+        Ok(tok)
+    }
+
+    // ---- routing and priority ----
+
+    /// What a task needs of the worker that runs it.
+    pub fn task_needs(&self, task: TaskId) -> Result<Needs> {
+        let tx = self.db.begin_read()?;
+        let t: Task = get_rec(&tx.open_table(TASKS)?, task)?.ok_or(DbError::TaskNotFound(task))?;
+        let b: Build =
+            get_rec(&tx.open_table(BUILDS)?, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
+        needs_of(
+            &tx.open_table(TARGETS)?,
+            &tx.open_table(TARGET_NEEDS)?,
+            &b.project,
+            &t.target,
+        )
+    }
+
+    /// A build's priority (0 unless an admin set one).
+    pub fn build_priority(&self, build: BuildId) -> Result<i64> {
+        let tx = self.db.begin_read()?;
+        Ok(tx
+            .open_table(BUILD_PRIORITY)?
+            .get(build)?
+            .map_or(0, |g| g.value()))
+    }
+
+    /// Sets a build's priority (-100..=100) and moves its queued tasks to
+    /// their new place in the lane, in one transaction.
+    pub fn set_build_priority(&self, build: BuildId, priority: i64) -> Result<()> {
+        if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
+            return Err(DbError::Conflict(format!(
+                "priority {priority} is outside -{MAX_PRIORITY}..={MAX_PRIORITY}"
+            )));
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let b: Build =
+                get_rec(&tx.open_table(BUILDS)?, build)?.ok_or(DbError::BuildNotFound(build))?;
+            let mut prio = tx.open_table(BUILD_PRIORITY)?;
+            if priority == 0 {
+                prio.remove(build)?;
+            } else {
+                prio.insert(build, priority)?;
+            }
+            let mut lanes = tx.open_table(QUEUE_LANES)?;
+            let p = b.project.as_str();
+            let mut moved = Vec::new();
+            for row in lanes.range((p, 0)..=(p, u64::MAX))? {
+                let (k, v) = row?;
+                if b.tasks.contains(&v.value()) {
+                    moved.push((k.value().1, v.value()));
+                }
+            }
+            for (rank, task) in moved {
+                lanes.remove((p, rank))?;
+                lanes.insert((p, lane_rank(priority, rank & SEQ_MASK)), task)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     // ---- buildroots ----
@@ -723,7 +974,7 @@ impl Db {
     /// Adds a target, creating its project, its repo (or adding the arch to
     /// the repo's list) and storing `key` as the project's signing key if it
     /// has none yet. One transaction.
-    pub fn add_target(&self, target: &Target, key: &str) -> Result<Repo> {
+    pub fn add_target(&self, target: &Target, needs: &Needs, key: &str) -> Result<Repo> {
         let now = now_ms();
         let tx = self.db.begin_write()?;
         let repo = {
@@ -741,6 +992,10 @@ impl Db {
                 return Err(DbError::Exists(format!("target {p}/{}", target.name)));
             }
             targets.insert((p, target.name.as_str()), enc(target).as_slice())?;
+            if *needs != Needs::default() {
+                tx.open_table(TARGET_NEEDS)?
+                    .insert((p, target.name.as_str()), enc(needs).as_slice())?;
+            }
             let mut repos = tx.open_table(REPOS)?;
             let mut repo: Repo =
                 get_rec(&repos, (p, target.repo.as_str()))?.unwrap_or_else(|| Repo {
@@ -885,7 +1140,7 @@ impl Db {
                 t.attempt += 1;
                 let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
                     .ok_or(DbError::BuildNotFound(t.build))?;
-                enqueue(&tx, &mut meta, &b.project, t.id)?;
+                enqueue(&tx, &mut meta, &b.project, b.id, t.id)?;
                 tasks.insert(t.id, enc(&t).as_slice())?;
                 requeued.push(t.id);
             }
@@ -944,11 +1199,17 @@ fn enqueue(
     tx: &redb::WriteTransaction,
     meta: &mut redb::Table<&str, u64>,
     project: &str,
+    build: BuildId,
     task: TaskId,
 ) -> Result<()> {
     let seq = bump(meta, K_QUEUE_SEQ, 0)?;
+    let priority = tx
+        .open_table(BUILD_PRIORITY)?
+        .get(build)?
+        .map_or(0, |g| g.value());
     tx.open_table(QUEUE)?.insert(seq, task)?;
-    tx.open_table(QUEUE_LANES)?.insert((project, seq), task)?;
+    tx.open_table(QUEUE_LANES)?
+        .insert((project, lane_rank(priority, seq)), task)?;
     Ok(())
 }
 
@@ -977,12 +1238,12 @@ fn lane_heads(
     Ok(heads)
 }
 
-/// Fair share: the head of the lane whose project has the fewest running
-/// tasks; among equals, the project served longest ago (never first), then
-/// the task queued first.
+/// Fair share: among the lanes' heads of the highest priority, the one
+/// whose project has the fewest running tasks; among equals, the project
+/// served longest ago (never first), then the task queued first.
 fn fair_head(
     tx: &redb::WriteTransaction,
-    runs: Option<&dyn Fn(&str) -> bool>,
+    runs: Option<&dyn Fn(&Needs) -> bool>,
 ) -> Result<Option<(String, u64, u64)>> {
     let mut running: std::collections::HashMap<String, usize> = Default::default();
     for row in tx.open_table(RUNNING)?.iter()? {
@@ -992,29 +1253,43 @@ fn fair_head(
     let lanes = tx.open_table(QUEUE_LANES)?;
     let mut heads = lane_heads(&lanes)?;
     if let Some(runs) = runs {
-        // Each lane's first task this worker can run.
+        // Each lane's first task this worker can run; a lane holds few
+        // targets, so needs are resolved once per (project, target).
         let tasks = tx.open_table(TASKS)?;
+        let (targets, extra) = (tx.open_table(TARGETS)?, tx.open_table(TARGET_NEEDS)?);
+        let mut verdicts: std::collections::HashMap<String, bool> = Default::default();
         let mut eligible = Vec::new();
         for (p, _, _) in heads {
             for row in lanes.range((p.as_str(), 0)..=(p.as_str(), u64::MAX))? {
                 let (k, v) = row?;
                 let t: Task =
                     get_rec(&tasks, v.value())?.ok_or(DbError::TaskNotFound(v.value()))?;
-                if runs(&t.target) {
+                let ok = match verdicts.get(&t.target) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = runs(&needs_of(&targets, &extra, &p, &t.target)?);
+                        verdicts.insert(t.target.clone(), ok);
+                        ok
+                    }
+                };
+                if ok {
                     eligible.push((p.clone(), k.value().1, t.id));
                     break;
                 }
             }
+            verdicts.clear();
         }
         heads = eligible;
     }
     let served = tx.open_table(LAST_SERVED)?;
     let mut best = None;
     for (p, s, t) in heads {
+        // Priority first (admins' knob), then fair share, then age.
         let key = (
+            s >> SEQ_BITS,
             running.get(&p).copied().unwrap_or(0),
             served.get(p.as_str())?.map(|v| v.value()).unwrap_or(0),
-            s,
+            s & SEQ_MASK,
         );
         if best.as_ref().is_none_or(|(k, _)| key < *k) {
             best = Some((key, (p, s, t)));
@@ -1035,13 +1310,69 @@ fn rebuild_lanes(tx: &redb::WriteTransaction) -> Result<()> {
             let t: Task =
                 get_rec(&tasks, tid.value())?.ok_or(DbError::TaskNotFound(tid.value()))?;
             let b: Build = get_rec(&builds, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
-            entries.push((b.project, seq.value(), t.id));
+            let priority = tx
+                .open_table(BUILD_PRIORITY)?
+                .get(b.id)?
+                .map_or(0, |g| g.value());
+            entries.push((b.project, lane_rank(priority, seq.value()), t.id));
         }
     }
     let mut lanes = tx.open_table(QUEUE_LANES)?;
     lanes.retain(|_, _| false)?;
     for (p, seq, tid) in entries {
         lanes.insert((p.as_str(), seq), tid)?;
+    }
+    Ok(())
+}
+
+/// What the tasks of `project`'s target `target` need of a worker: the
+/// `host` target runs anywhere; a target's arch (unless `all`), its
+/// buildroot and its declared extras.
+fn needs_of(
+    targets: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    extra: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    project: &str,
+    target: &str,
+) -> Result<Needs> {
+    let Some(t) = get_rec::<_, Target>(targets, (project, target))? else {
+        return Ok(Needs::default());
+    };
+    let mut needs: Needs = get_rec(extra, (project, target))?.unwrap_or_default();
+    needs.arch = (t.arch != "all").then_some(t.arch);
+    needs.buildroot = t.buildroot != HOST_TARGET;
+    Ok(needs)
+}
+
+/// Counts a task's end against the worker that ran it (and, for a success,
+/// its duration against the package), in the caller's transaction.
+fn record_worker_end(
+    tx: &redb::WriteTransaction,
+    worker: &str,
+    t: &Task,
+    b: &Build,
+    outcome: &Outcome,
+    now: i64,
+) -> Result<()> {
+    let mut workers = tx.open_table(WORKERS)?;
+    let mut rec: WorkerRecord =
+        get_rec(&workers, worker)?.unwrap_or_else(|| WorkerRecord::new(worker, now));
+    match outcome {
+        Outcome::Succeeded => rec.stats.succeeded += 1,
+        Outcome::Infrastructure(_) => rec.stats.infra += 1,
+        Outcome::Cancelled => rec.stats.cancelled += 1,
+        _ => rec.stats.failed += 1,
+    }
+    workers.insert(worker, enc(&rec).as_slice())?;
+    if let (Outcome::Succeeded, Some(started)) = (outcome, t.started) {
+        let key = format!("{}/{}/{}", b.project, b.package, t.target);
+        let mut speeds = tx.open_table(WORKER_SPEEDS)?;
+        let (n, total) = speeds
+            .get((key.as_str(), worker))?
+            .map_or((0, 0), |g| g.value());
+        speeds.insert(
+            (key.as_str(), worker),
+            (n + 1, total + (now - started).max(0) as u64),
+        )?;
     }
     Ok(())
 }

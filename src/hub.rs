@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::logs::LiveLogs;
 use crate::model::{Token, now_ms};
+use crate::workers::{AdminState, LOCAL_WORKER, WorkerInfo, WorkerRecord, WorkerState, WorkerView};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -62,13 +63,39 @@ pub struct Hub {
     /// re-queueing a running task fires it, killing the sandbox at once.
     pub running:
         std::sync::Mutex<std::collections::HashMap<crate::model::TaskId, CancellationToken>>,
+    /// What the hub's own slots are, as a worker (`local`).
+    pub local_info: WorkerInfo,
+    /// Workers heard from lately: their entry (refreshed at most every
+    /// `PRESENCE_WRITE_MS`) and how many lease requests of theirs wait.
+    pub presence: std::sync::Mutex<std::collections::HashMap<String, Presence>>,
 }
+
+/// A worker as the hub knows it between directory writes.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub rec: WorkerRecord,
+    /// When `rec` was last written.
+    pub written: i64,
+    /// Its QoS rating when last written.
+    pub rating: f64,
+    /// Lease requests of its waiting now.
+    pub waiting: u32,
+}
+
+/// A contact refreshes the stored directory entry at most this often
+/// (unless what the worker reports changed).
+const PRESENCE_WRITE_MS: i64 = 2_000;
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
     move |source| HubError::DataDir {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Locks a mutex whose data stays valid if a holder panicked.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// sha256 of a token's secret: what the database stores.
@@ -100,6 +127,12 @@ impl Hub {
         if !requeued.is_empty() {
             tracing::info!(tasks = ?requeued, "re-queued tasks interrupted by the last shutdown");
         }
+        let local_info = WorkerInfo::probe(
+            &data,
+            config.build.slots as u32,
+            &config.build.features,
+            true,
+        );
         let hub = Arc::new(Hub {
             config,
             db,
@@ -111,8 +144,13 @@ impl Hub {
             shutdown: CancellationToken::new(),
             publisher: Default::default(),
             running: Default::default(),
+            local_info,
+            presence: Default::default(),
         });
         hub.ensure_admin_token()?;
+        if hub.config.build.slots > 0 {
+            hub.worker_contact(LOCAL_WORKER, Some(&hub.local_info))?;
+        }
         Ok(hub)
     }
 
@@ -176,6 +214,112 @@ impl Hub {
 
     pub fn check_token(&self, secret: &str) -> Result<Option<Token>, HubError> {
         Ok(self.db.token(&token_hash(secret))?)
+    }
+
+    /// The SHA-256 fingerprint of the certificate the hub serves HTTPS
+    /// with, which join tokens carry; None without TLS.
+    pub fn tls_fingerprint(&self) -> Option<String> {
+        None
+    }
+
+    /// A worker unseen for this long is offline (a lease length: idle
+    /// workers ask at least twice per lease, busy ones heartbeat thrice).
+    pub fn worker_gap_ms(&self) -> i64 {
+        self.config.build.lease_ms()
+    }
+
+    /// Records a contact from worker `name` (with what it reports) and
+    /// returns its directory entry. Writes at most every couple of seconds
+    /// per worker, or when its report changed.
+    pub fn worker_contact(
+        &self,
+        name: &str,
+        info: Option<&WorkerInfo>,
+    ) -> Result<WorkerRecord, HubError> {
+        let now = now_ms();
+        {
+            let mut p = lock(&self.presence);
+            if let Some(pr) = p.get_mut(name)
+                && now - pr.written < PRESENCE_WRITE_MS
+                && info.is_none_or(|i| pr.rec.info.as_ref() == Some(i))
+            {
+                pr.rec.last_seen = now;
+                return Ok(pr.rec.clone());
+            }
+        }
+        let rec = self.db.touch_worker(name, info, now, self.worker_gap_ms())?;
+        let speeds = self.db.worker_speeds()?;
+        let rating = crate::workers::Qos::of(&rec, &speeds, now).rating;
+        let mut p = lock(&self.presence);
+        let e = p.entry(name.to_string()).or_insert_with(|| Presence {
+            rec: rec.clone(),
+            written: now,
+            rating,
+            waiting: 0,
+        });
+        e.rec = rec.clone();
+        e.written = now;
+        e.rating = rating;
+        Ok(rec)
+    }
+
+    /// Sets what admins allow a worker. Disabling re-queues the tasks it
+    /// runs (their sandboxes are killed: locally at once, remotely at the
+    /// next heartbeat); draining lets them finish.
+    pub fn set_worker_admin(
+        &self,
+        name: &str,
+        admin: AdminState,
+    ) -> Result<WorkerRecord, HubError> {
+        let rec = self.db.set_worker_admin(name, admin)?;
+        if let Some(pr) = lock(&self.presence).get_mut(name) {
+            pr.rec.admin = admin;
+        }
+        if admin == AdminState::Disabled {
+            for task in self.db.running_on(name)? {
+                match crate::worker::stop_task(self, task, true) {
+                    Ok(_) | Err(crate::db::DbError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.queued.notify_waiters();
+        self.changed();
+        Ok(rec)
+    }
+
+    /// The worker directory as shown: every worker with its state and QoS.
+    pub fn directory(&self) -> Result<Vec<WorkerView>, HubError> {
+        let now = now_ms();
+        let running = self.db.running_by_worker()?;
+        let speeds = self.db.worker_speeds()?;
+        let presence = lock(&self.presence);
+        Ok(self
+            .db
+            .workers()?
+            .into_iter()
+            .map(|mut rec| {
+                if let Some(p) = presence.get(&rec.name) {
+                    rec.last_seen = rec.last_seen.max(p.rec.last_seen);
+                    if p.waiting > 0 {
+                        rec.last_seen = now;
+                    }
+                }
+                let n = running.get(&rec.name).copied().unwrap_or(0);
+                WorkerView::of(rec, n, &speeds, now, self.worker_gap_ms())
+            })
+            .collect())
+    }
+
+    /// Configurations of the workers that may take tasks now (enabled and
+    /// online), the hub's own slots included.
+    pub fn candidate_workers(&self) -> Result<Vec<WorkerInfo>, HubError> {
+        Ok(self
+            .directory()?
+            .into_iter()
+            .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Busy))
+            .filter_map(|w| w.info)
+            .collect())
     }
 
     /// Tells slots and followers that something changed.

@@ -25,6 +25,7 @@ pub mod scheduler;
 pub mod server;
 pub mod web;
 pub mod worker;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -111,6 +111,17 @@ enum TargetCmd {
         /// Default: the target's name.
         #[arg(long)]
         repo: Option<String>,
+        /// A feature workers must have to run this target's tasks (repeatable), e.g. kvm.
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// Least memory a worker must have, e.g. 16G.
+        #[arg(long, value_parser = kiln::workers::parse_size)]
+        min_memory: Option<u64>,
+        #[arg(long)]
+        min_cores: Option<u64>,
+        /// Least free disk a worker must have, e.g. 50G.
+        #[arg(long, value_parser = kiln::workers::parse_size)]
+        min_disk: Option<u64>,
     },
     List {
         project: String,
@@ -191,6 +202,12 @@ enum BuildCmd {
     Show { id: u64 },
     /// Cancel every task of the build that has not ended (admin).
     Cancel { id: u64 },
+    /// Set a build's priority, -100..=100 (admin): higher runs first, ahead of fair share.
+    Priority {
+        id: u64,
+        #[arg(allow_hyphen_values = true)]
+        priority: i64,
+    },
     /// A build's log so far.
     Log { id: u64 },
 }
@@ -210,16 +227,56 @@ enum ArtifactCmd {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct WorkerArgs {
+    #[command(subcommand)]
+    cmd: Option<WorkerCmd>,
     /// The worker's own store (blob cache, logs, work dirs).
     #[arg(long, default_value = "kiln-worker-data")]
     data: PathBuf,
     /// Tasks run at once (default: the number of cores).
     #[arg(long)]
     slots: Option<usize>,
-    /// The name the hub shows (default: the host name).
+    /// The name the hub shows (default: the join token's worker, else the host name).
     #[arg(long)]
     name: Option<String>,
+    /// A feature this worker offers to targets that require it (repeatable); kvm is detected.
+    #[arg(long = "feature")]
+    features: Vec<String>,
+    /// When the hub runs another kiln build, fetch its binary (digest-checked) and restart into it when idle.
+    #[arg(long)]
+    self_update: bool,
+}
+
+#[derive(Subcommand)]
+enum WorkerCmd {
+    /// Join tokens that enrol workers (admin).
+    #[command(subcommand)]
+    Token(WorkerTokenCmd),
+    /// The worker directory: state, configuration, QoS.
+    List,
+    /// One worker in full.
+    Show { name: String },
+    /// Take no new tasks; running ones finish (admin).
+    Drain { name: String },
+    /// Take tasks again (admin).
+    Enable { name: String },
+    /// Take no new tasks; running ones are re-queued elsewhere (admin).
+    Disable { name: String },
+}
+
+#[derive(Subcommand)]
+enum WorkerTokenCmd {
+    /// Print a join token for one worker (shown once).
+    Create {
+        /// The worker it enrols.
+        #[arg(long)]
+        name: String,
+    },
+    /// Join tokens by worker, never their secrets.
+    List,
+    /// Revoke a worker's join token: its next request is refused.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -299,17 +356,38 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     };
     match &cli.cmd {
         Cmd::Serve(a) => kiln::cli::serve(load_config(cli.config.as_ref(), a)?).await?,
+        Cmd::Worker(WorkerArgs { cmd: Some(cmd), .. }) => {
+            let c = client();
+            match cmd {
+                WorkerCmd::Token(WorkerTokenCmd::Create { name }) => {
+                    println!("{}", c.create_worker_token(name).await?.token)
+                }
+                WorkerCmd::Token(WorkerTokenCmd::List) => kiln::cli::worker_tokens(&c).await?,
+                WorkerCmd::Token(WorkerTokenCmd::Revoke { name }) => {
+                    c.revoke_worker_token(name).await?;
+                    println!("revoked the join token of worker {name}");
+                }
+                WorkerCmd::List => kiln::cli::worker_list(&c).await?,
+                WorkerCmd::Show { name } => kiln::cli::worker_show(&c, name).await?,
+                WorkerCmd::Drain { name } => kiln::cli::worker_set(&c, name, "drain").await?,
+                WorkerCmd::Enable { name } => kiln::cli::worker_set(&c, name, "enable").await?,
+                WorkerCmd::Disable { name } => kiln::cli::worker_set(&c, name, "disable").await?,
+            }
+        }
         Cmd::Worker(a) => {
             let token = cli
                 .token
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("a worker needs --token (or KILN_TOKEN)"))?;
-            kiln::cli::worker(
-                Client::new(&cli.hub, Some(token)),
-                &a.data,
-                a.slots,
-                a.name.clone(),
-            )
+            kiln::cli::worker(kiln::cli::WorkerOptions {
+                hub: cli.hub.clone(),
+                token,
+                data: a.data.clone(),
+                slots: a.slots,
+                name: a.name.clone(),
+                features: a.features.clone(),
+                self_update: a.self_update,
+            })
             .await?
         }
         Cmd::CheckConfig(a) => kiln::cli::check_config(&load_config(cli.config.as_ref(), a)?),
@@ -353,6 +431,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 BuildCmd::Cancel { id } => {
                     let b = client().cancel_build(*id).await?;
                     println!("build {} {}", b.id, b.state);
+                }
+                BuildCmd::Priority { id, priority } => {
+                    client().set_priority(*id, *priority).await?;
+                    println!("build {id}: priority {priority}");
                 }
                 BuildCmd::Log { id } => kiln::cli::log(&client(), *id).await?,
             },
@@ -413,12 +495,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             buildroot,
             arch,
             repo,
+            features,
+            min_memory,
+            min_cores,
+            min_disk,
         }) => {
             let req = kiln::server::TargetRequest {
                 name: name.clone(),
                 buildroot: buildroot.clone(),
                 arch: arch.clone(),
                 repo: repo.clone(),
+                features: features.clone(),
+                min_memory_bytes: min_memory.unwrap_or(0),
+                min_cores: min_cores.unwrap_or(0),
+                min_disk_bytes: min_disk.unwrap_or(0),
             };
             let t = client().add_target(project, &req).await?;
             println!(

@@ -1,11 +1,12 @@
-//! The hub's side of the remote worker protocol: long-poll leases,
-//! heartbeats, blob upload by digest, and the fenced end of a task. Remote
-//! workers take the same leases as local slots (`Db::lease_next_where`);
-//! for now they run `host`-target tasks only (buildroots are not shipped
-//! to workers yet). See docs/workers.md.
+//! The hub's worker API: the remote worker protocol (long-poll leases
+//! routed by what the worker reports, heartbeats, blob upload by digest,
+//! the fenced end of a task), the worker directory (list, show, drain,
+//! enable, disable) and join tokens. Remote workers take the same leases
+//! as local slots (`Db::lease_next_where`). See docs/workers.md.
 //!
 //! What must stay true: an end is recorded only with the task's current
-//! fence, and only when every blob it names is already in the store.
+//! fence, and only when every blob it names is already in the store; a
+//! join token acts only for the worker it enrols.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,15 +16,16 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use serde::{Deserialize, Serialize};
 
 use crate::cas::Digest;
 use crate::config::TaskLimits;
 use crate::db::TaskEnd;
-use crate::hub::Hub;
-use crate::model::{Artifact, Build, HOST_TARGET, Outcome, Task};
-use crate::server::{ApiError, ApiResult, WorkerCaller, parse_task_id};
+use crate::hub::{Hub, lock};
+use crate::model::{Artifact, Build, Outcome, Task};
+use crate::server::{ApiError, ApiResult, Caller, Reader, WorkerCaller, parse_task_id, require_admin};
+use crate::workers::{AdminState, JoinToken, LOCAL_WORKER, Needs, WorkerInfo, WorkerToken, WorkerView};
 
 /// Longest a lease request waits for work.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -33,6 +35,7 @@ pub fn routes(max_blob_bytes: u64) -> axum::Router<Arc<Hub>> {
     let blob_limit = usize::try_from(max_blob_bytes).unwrap_or(usize::MAX);
     axum::Router::new()
         .route("/api/v1/worker/lease", post(lease))
+        .route("/api/v1/worker/whoami", get(whoami))
         .route("/api/v1/worker/tasks/{id}/heartbeat", post(heartbeat))
         .route("/api/v1/worker/tasks/{id}/end", post(end))
         .route("/api/v1/worker/blobs/missing", post(missing))
@@ -40,15 +43,31 @@ pub fn routes(max_blob_bytes: u64) -> axum::Router<Arc<Hub>> {
             "/api/v1/worker/blobs/{hex}",
             put(upload).layer(axum::extract::DefaultBodyLimit::max(blob_limit)),
         )
+        .route("/api/v1/workers", get(list_workers))
+        .route("/api/v1/workers/{name}", get(show_worker))
+        .route("/api/v1/workers/{name}/{action}", post(set_worker))
+        .route(
+            "/api/v1/worker-tokens",
+            get(list_worker_tokens).post(create_worker_token),
+        )
+        .route(
+            "/api/v1/worker-tokens/{name}",
+            axum::routing::delete(revoke_worker_token),
+        )
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct LeaseRequest {
     /// The worker's name, recorded on the task.
     pub worker: String,
-    /// How long to wait for a task, in seconds (at most 30).
+    /// How long to wait for a task, in seconds (at most 30, and at most
+    /// half a lease, so an idle worker stays online in the directory).
     #[serde(default)]
     pub wait_secs: u64,
+    /// What the worker is; routing uses it. Without it, only tasks that
+    /// need nothing particular (the `host` target) are handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<WorkerInfo>,
 }
 
 /// A task handed to a worker: what to build and under which limits.
@@ -92,24 +111,110 @@ fn json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<T
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))
 }
 
+#[derive(Serialize, Deserialize, Debug)]
+pub struct WhoAmI {
+    /// The worker a join token enrols; None for an admin token.
+    pub worker: Option<String>,
+    /// The hub's kiln version (`workers::self_version`).
+    pub hub_version: String,
+}
+
+/// `GET /api/v1/worker/whoami`: which worker this credential speaks for.
+async fn whoami(caller: WorkerCaller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        worker: caller.bound,
+        hub_version: crate::workers::self_version(),
+    })
+}
+
+/// Counts a worker's waiting lease requests while one is open, so the
+/// directory shows it online and better-rated workers get first pick.
+struct Waiting<'a>(&'a Hub, &'a str);
+
+impl<'a> Waiting<'a> {
+    fn new(hub: &'a Hub, name: &'a str) -> Self {
+        if let Some(p) = lock(&hub.presence).get_mut(name) {
+            p.waiting += 1;
+        }
+        Waiting(hub, name)
+    }
+
+    /// Whether another waiting worker is rated clearly better (it gets the
+    /// first try at a new task; this one asks again a moment later).
+    fn better_waiting(&self) -> bool {
+        let p = lock(&self.0.presence);
+        let mine = p.get(self.1).map_or(0.0, |p| p.rating);
+        p.iter()
+            .any(|(n, o)| n != self.1 && o.waiting > 0 && o.rating > mine + QOS_MARGIN)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = lock(&self.0.presence).get_mut(self.1) {
+            p.waiting = p.waiting.saturating_sub(1);
+        }
+    }
+}
+
+/// Rating points by which a waiting worker must beat another to go first.
+const QOS_MARGIN: f64 = 10.0;
+/// How long a lesser worker lets a better one try first.
+const DEFER: Duration = Duration::from_millis(50);
+
 /// `POST /api/v1/worker/lease`: a task under a fresh lease (200), or 204
-/// when none came within `wait_secs`.
-async fn lease(_: WorkerCaller, State(hub): State<Arc<Hub>>, body: Bytes) -> ApiResult<Response> {
+/// when none came within `wait_secs`. The task is the fair-share choice
+/// among those whose needs this worker meets; none while it is drained or
+/// disabled.
+async fn lease(
+    caller: WorkerCaller,
+    State(hub): State<Arc<Hub>>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: LeaseRequest = json(&body, "lease request")?;
     crate::kinds::validate_name(&req.worker)
         .map_err(|m| ApiError::BadRequest(format!("worker {m}")))?;
+    if req.worker == LOCAL_WORKER {
+        return Err(ApiError::BadRequest(format!(
+            "worker name {LOCAL_WORKER:?} is reserved for the hub's own slots"
+        )));
+    }
+    caller.check(&req.worker)?;
     let lease_ms = hub.config.build.lease_ms();
-    let deadline = tokio::time::Instant::now() + MAX_WAIT.min(Duration::from_secs(req.wait_secs));
+    let wait = MAX_WAIT
+        .min(Duration::from_secs(req.wait_secs))
+        .min(Duration::from_millis(lease_ms as u64 / 2));
+    let deadline = tokio::time::Instant::now() + wait;
+    let (h, name, info) = (hub.clone(), req.worker.clone(), req.info.clone());
+    tokio::task::spawn_blocking(move || h.worker_contact(&name, info.as_ref())).await??;
+    let waiting = Waiting::new(&hub, &req.worker);
+    let mut deferred = false;
     loop {
         let notified = hub.queued.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (h, name) = (hub.clone(), req.worker.clone());
-        let leased = tokio::task::spawn_blocking(move || {
-            let runs = |target: &str| target == HOST_TARGET;
-            h.db.lease_next_where(&name, lease_ms, Some(&runs))
-        })
-        .await??;
+        let (h, name, info) = (hub.clone(), req.worker.clone(), req.info.clone());
+        let enabled = lock(&hub.presence)
+            .get(&req.worker)
+            .is_some_and(|p| p.rec.admin == AdminState::Enabled);
+        if enabled && !deferred && waiting.better_waiting() {
+            deferred = true;
+            tokio::time::sleep(DEFER).await;
+            continue;
+        }
+        deferred = false;
+        let leased = if enabled {
+            tokio::task::spawn_blocking(move || {
+                let runs = |n: &Needs| match &info {
+                    Some(i) => i.unmet(n).is_none(),
+                    None => *n == Needs::default(),
+                };
+                Ok::<_, ApiError>(h.db.lease_next_where(&name, lease_ms, Some(&runs))?)
+            })
+            .await??
+        } else {
+            None
+        };
         if let Some(l) = leased {
             hub.changed();
             let limits = hub.config.limits(&l.task.target);
@@ -133,15 +238,38 @@ async fn lease(_: WorkerCaller, State(hub): State<Arc<Hub>>, body: Bytes) -> Api
 /// `POST /api/v1/worker/tasks/ID/heartbeat` `{"fence"}`: 204, or 409 when
 /// the lease is gone (the worker must stop the task).
 async fn heartbeat(
-    _: WorkerCaller,
+    caller: WorkerCaller,
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
     let f: Fence = json(&body, "heartbeat")?;
+    let id = parse_task_id(&id)?;
+    let worker = leaseholder(&hub, &caller, id)?;
     let lease_ms = hub.config.build.lease_ms();
-    hub.db.heartbeat(parse_task_id(&id)?, f.fence, lease_ms)?;
+    let h = hub.clone();
+    tokio::task::spawn_blocking(move || {
+        h.worker_contact(&worker, None)?;
+        Ok::<_, ApiError>(h.db.heartbeat(id, f.fence, lease_ms)?)
+    })
+    .await??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The worker holding task `id`'s lease; a join token may only speak for
+/// its own worker's tasks (403), and a task without a lease is stale (409).
+fn leaseholder(hub: &Hub, caller: &WorkerCaller, id: crate::model::TaskId) -> ApiResult<String> {
+    let t = hub.db.task(id)?;
+    let Some(l) = t.lease else {
+        return Err(crate::db::DbError::StaleLease {
+            task: id,
+            given: 0,
+            current: None,
+        }
+        .into());
+    };
+    caller.check(&l.worker)?;
+    Ok(l.worker)
 }
 
 /// `POST /api/v1/worker/blobs/missing` `[digest, …]`: the ones the hub
@@ -184,13 +312,14 @@ async fn upload(
 /// (409 if stale) once every blob it names is in the store (400 naming the
 /// first that is not).
 async fn end(
-    _: WorkerCaller,
+    caller: WorkerCaller,
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Build>> {
     let id = parse_task_id(&id)?;
     let r: EndReport = json(&body, "end report")?;
+    leaseholder(&hub, &caller, id)?;
     let mut named = r
         .log
         .iter()
@@ -240,4 +369,128 @@ async fn end(
     hub.queued.notify_waiters();
     hub.changed();
     Ok(Json(build))
+}
+
+/// `GET /api/v1/workers`: the directory, each worker with its state,
+/// configuration, counts and QoS.
+async fn list_workers(_: Reader, State(hub): State<Arc<Hub>>) -> ApiResult<Json<Vec<WorkerView>>> {
+    let h = hub.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || h.directory()).await??))
+}
+
+fn find_worker(hub: &Hub, name: &str) -> ApiResult<WorkerView> {
+    hub.directory()?
+        .into_iter()
+        .find(|w| w.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("worker {name:?} not found (kiln worker list)")))
+}
+
+/// `GET /api/v1/workers/NAME`.
+async fn show_worker(
+    _: Reader,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<WorkerView>> {
+    let h = hub.clone();
+    Ok(Json(
+        tokio::task::spawn_blocking(move || find_worker(&h, &name)).await??,
+    ))
+}
+
+/// `POST /api/v1/workers/NAME/drain|enable|disable` (admin).
+async fn set_worker(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path((name, action)): Path<(String, String)>,
+) -> ApiResult<Json<WorkerView>> {
+    let admin = match action.as_str() {
+        "drain" => AdminState::Draining,
+        "enable" => AdminState::Enabled,
+        "disable" => AdminState::Disabled,
+        other => {
+            return Err(ApiError::NotFound(format!(
+                "no worker action {other:?}: use drain, enable or disable"
+            )));
+        }
+    };
+    require_admin(&caller, &format!("{action} workers"))?;
+    let h = hub.clone();
+    Ok(Json(
+        tokio::task::spawn_blocking(move || {
+            h.set_worker_admin(&name, admin)?;
+            find_worker(&h, &name)
+        })
+        .await??,
+    ))
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct WorkerTokenRequest {
+    /// The worker it enrols (its name in the directory).
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct WorkerTokenCreated {
+    pub name: String,
+    /// `kwj1.<fingerprint>.<secret>`, shown once.
+    pub token: String,
+}
+
+/// `POST /api/v1/worker-tokens` `{"name"}` (admin): a join token for one
+/// worker, holding the hub's certificate fingerprint (when it serves TLS).
+async fn create_worker_token(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<WorkerTokenCreated>)> {
+    require_admin(&caller, "create worker tokens")?;
+    let req: WorkerTokenRequest = json(&body, "worker token request")?;
+    crate::kinds::validate_name(&req.name)
+        .map_err(|m| ApiError::BadRequest(format!("worker {m}")))?;
+    if req.name == LOCAL_WORKER {
+        return Err(ApiError::BadRequest(format!(
+            "worker name {LOCAL_WORKER:?} is reserved for the hub's own slots"
+        )));
+    }
+    let secret = crate::hub::new_secret();
+    hub.db.insert_worker_token(
+        &crate::hub::token_hash(&secret),
+        &WorkerToken {
+            name: req.name.clone(),
+            created: crate::model::now_ms(),
+            revoked: None,
+        },
+    )?;
+    let token = JoinToken {
+        fingerprint: hub.tls_fingerprint(),
+        secret,
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(WorkerTokenCreated {
+            name: req.name,
+            token: token.to_string(),
+        }),
+    ))
+}
+
+/// `GET /api/v1/worker-tokens` (admin): names and dates, never secrets.
+async fn list_worker_tokens(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+) -> ApiResult<Json<Vec<WorkerToken>>> {
+    require_admin(&caller, "list worker tokens")?;
+    Ok(Json(hub.db.worker_tokens()?))
+}
+
+/// `DELETE /api/v1/worker-tokens/NAME` (admin): revokes the worker's join
+/// token; its next request is refused (401).
+async fn revoke_worker_token(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<WorkerToken>> {
+    require_admin(&caller, "revoke worker tokens")?;
+    Ok(Json(hub.db.revoke_worker_token(&name)?))
 }

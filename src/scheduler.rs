@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::cas::{CasError, PendingTree};
 use crate::db::{DbError, Leased};
-use crate::hub::Hub;
+use crate::hub::{Hub, HubError};
+use crate::workers::{AdminState, Needs};
 use crate::kinds::{Recipe, RecipeError, validate_name};
 use crate::model::{Build, HOST_TARGET, PackageKind};
 
@@ -107,10 +108,15 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
     Ok(build)
 }
 
-/// Leases the next queued task to `worker`, if any.
-pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, DbError> {
+/// Leases the next queued task the hub's own slots can run (`worker` is
+/// `local`), unless an admin drained or disabled them.
+pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, HubError> {
+    if hub.worker_contact(worker, None)?.admin != AdminState::Enabled {
+        return Ok(None);
+    }
     let lease_ms = hub.config.build.lease_ms();
-    let leased = hub.db.lease_next(worker, lease_ms)?;
+    let runs = |n: &Needs| hub.local_info.unmet(n).is_none();
+    let leased = hub.db.lease_next_where(worker, lease_ms, Some(&runs))?;
     if leased.is_some() {
         hub.changed();
     }
@@ -157,28 +163,40 @@ pub async fn reap_expired_leases(hub: Arc<Hub>) {
     }
 }
 
-/// Why a queued task is not running yet, in words.
-pub fn why_waiting(hub: &Hub, task: crate::model::TaskId) -> Result<Option<String>, DbError> {
+/// Why a queued task is not running yet, in words: no worker that may
+/// take tasks meets its needs (the same rules routing uses), or its place
+/// in its project's queue.
+pub fn why_waiting(hub: &Hub, task: crate::model::TaskId) -> Result<Option<String>, HubError> {
     let Some(q) = hub.db.queue_position(task)? else {
         return Ok(None);
     };
-    let mut why = format!(
-        "position {} of {} in project {}'s queue",
+    let needs = hub.db.task_needs(task)?;
+    let candidates = hub.candidate_workers()?;
+    let arch = needs.arch.as_deref().unwrap_or("any arch");
+    let place = format!(
+        "position {} of {} in project {}'s queue for {arch}",
         q.position, q.lane_len, q.project
     );
+    if let Some(why) =
+        crate::workers::why_not_runnable(&needs, &candidates.iter().collect::<Vec<_>>())
+    {
+        return Ok(Some(format!("{why}; {place}")));
+    }
+    let mut why = place;
     if q.projects > 1 {
         why.push_str(&format!(
-            " ({} projects are waiting; free slots go to the one running the fewest tasks)",
+            " ({} projects are waiting; a free slot goes to the one running the fewest tasks)",
             q.projects
         ));
     }
-    if hub.config.build.slots == 0 {
-        why.push_str("; this hub has no local build slots (slots = 0) and no remote workers yet");
-    } else {
-        why.push_str(&format!(
-            "; all {} local slots are busy",
-            hub.config.build.slots
-        ));
-    }
+    let eligible: Vec<&crate::workers::WorkerInfo> = candidates
+        .iter()
+        .filter(|w| w.unmet(&needs).is_none())
+        .collect();
+    let slots: u32 = eligible.iter().map(|w| w.slots).sum();
+    why.push_str(&format!(
+        "; all {slots} slot(s) of the {} worker(s) that can run it are busy",
+        eligible.len()
+    ));
     Ok(Some(why))
 }

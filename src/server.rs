@@ -37,6 +37,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid token: send `Authorization: Bearer <token>`")]
     Unauthorized,
+    /// A known credential that no longer counts (a revoked join token).
+    #[error("{0}")]
+    Revoked(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -53,7 +56,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::Revoked(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -80,7 +83,7 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Unauthorized | ApiError::Revoked(_)) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -180,14 +183,41 @@ impl FromRequestParts<Arc<Hub>> for Caller {
     }
 }
 
-/// A request from a worker (an admin token until join tokens exist).
-pub struct WorkerCaller;
+/// A request from a worker: a live join token (bound to one worker name)
+/// or an admin token (may act as any worker).
+pub struct WorkerCaller {
+    /// The worker the join token enrols; None for an admin token.
+    pub bound: Option<String>,
+}
+
+impl WorkerCaller {
+    /// Refuses a join token acting for another worker.
+    pub fn check(&self, worker: &str) -> ApiResult<()> {
+        match &self.bound {
+            Some(n) if n != worker => Err(ApiError::Forbidden(format!(
+                "this join token enrols worker {n:?}, not {worker:?}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
 
 impl FromRequestParts<Arc<Hub>> for WorkerCaller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> ApiResult<Self> {
+        let secret = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        let hash = crate::hub::token_hash(secret);
+        if let Some(t) = hub.db.worker_token(&hash)? {
+            if t.revoked.is_some() {
+                return Err(ApiError::Revoked(format!(
+                    "the join token of worker {:?} was revoked",
+                    t.name
+                )));
+            }
+            return Ok(WorkerCaller { bound: Some(t.name) });
+        }
         let Caller(token) = Caller::from_request_parts(parts, hub).await?;
-        require_admin(&token, "act as a worker").map(|_| WorkerCaller)
+        require_admin(&token, "act as a worker").map(|_| WorkerCaller { bound: None })
     }
 }
 
@@ -213,6 +243,7 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
         .route("/api/v1/builds/{id}/artifacts", get(list_artifacts))
         .route("/api/v1/builds/{id}/artifacts/{*path}", get(get_artifact))
         .route("/api/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/api/v1/builds/{id}/priority", post(set_priority))
         .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/api/v1/tasks/{id}/requeue", post(requeue_task))
         .route("/api/v1/tokens", post(create_token))
@@ -349,6 +380,38 @@ async fn cancel_build(
         build = crate::worker::stop_task(&hub, t.id, false)?;
     }
     Ok(Json(build))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PriorityRequest {
+    /// -100..=100; higher runs first, before fair share; default 0.
+    pub priority: i64,
+}
+
+/// `POST /api/v1/builds/ID/priority` `{"priority": N}` (admin): moves the
+/// build's queued tasks (and any it re-queues later) ahead of or behind
+/// other work.
+async fn set_priority(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Build>> {
+    require_admin(&caller, "set build priorities")?;
+    let req: PriorityRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("priority request: {e}")))?;
+    let max = crate::db::MAX_PRIORITY;
+    if !(-max..=max).contains(&req.priority) {
+        return Err(ApiError::BadRequest(format!(
+            "priority {} is outside -{max}..={max}",
+            req.priority
+        )));
+    }
+    let id = parse_id(&id)?;
+    hub.db.set_build_priority(id, req.priority)?;
+    hub.queued.notify_waiters();
+    hub.changed();
+    Ok(Json(hub.db.build(id)?))
 }
 
 #[derive(Deserialize)]
@@ -630,7 +693,7 @@ pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) -> std::io:
         .await
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 pub struct TargetRequest {
     pub name: String,
     /// A buildroot's name, or `host`.
@@ -638,6 +701,20 @@ pub struct TargetRequest {
     pub arch: String,
     /// Defaults to the target's name.
     pub repo: Option<String>,
+    /// Features a worker must have to run this target's tasks (e.g. `kvm`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+    /// Least memory, cores and free disk a worker must have.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_cores: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_disk_bytes: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Debian architecture names a target may name.
@@ -674,6 +751,20 @@ async fn add_target(
             req.buildroot
         )));
     }
+    let mut features = req.features.clone();
+    for f in &features {
+        name_ok("feature", f)?;
+    }
+    features.sort();
+    features.dedup();
+    let needs = crate::workers::Needs {
+        features,
+        min_memory_bytes: req.min_memory_bytes,
+        min_cores: u32::try_from(req.min_cores)
+            .map_err(|_| ApiError::BadRequest(format!("min_cores {} is too large", req.min_cores)))?,
+        min_disk_bytes: req.min_disk_bytes,
+        ..Default::default()
+    };
     let target = Target {
         project: project.clone(),
         name: req.name,
@@ -691,7 +782,7 @@ async fn add_target(
         ))
         .and_then(|k| k.to_armored_secret())
         .map_err(|e| ApiError::Internal(format!("signing key: {e}")))?;
-        h.db.add_target(&t, &key)?;
+        h.db.add_target(&t, &needs, &key)?;
         Ok(())
     })
     .await??;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cas::Cas;
 use crate::db::{DbError, Leased, TaskEnd};
-use crate::hub::Hub;
+use crate::hub::{Hub, lock};
 use crate::kinds::Recipe;
 use crate::logs::LogWriter;
 use crate::model::{Artifact, Build, HOST_TARGET, Outcome, RepoDeb};
@@ -77,7 +77,7 @@ fn make_writable(path: &Path) {
 
 /// Runs local slot `slot` until the hub shuts down.
 pub async fn run_slot(hub: Arc<Hub>, slot: u32) {
-    let name = format!("local-{slot}");
+    let name = crate::workers::LOCAL_WORKER.to_string();
     loop {
         let notified = hub.queued.notified();
         tokio::pin!(notified);
@@ -187,10 +187,6 @@ pub(crate) fn artifact_path(build: &Build, target: &str, path: &str) -> String {
         1 => path.to_string(),
         _ => format!("{target}/{path}"),
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Cancels (or re-queues) a task: the database first, then the sandbox of
@@ -651,11 +647,12 @@ pub async fn run_remote_slot(
     local: Arc<Hub>,
     slot: u32,
     name: String,
+    info: Arc<crate::workers::WorkerInfo>,
 ) {
     loop {
         let lease = tokio::select! {
             _ = local.shutdown.cancelled() => return,
-            l = client.worker_lease(&name, 25) => l,
+            l = client.worker_lease(&name, 25, Some(&info)) => l,
         };
         match lease {
             Ok(Some(l)) => {

@@ -142,6 +142,7 @@ async fn an_imported_root_runs_builds_and_its_hostile_member_stays_inside() {
                 buildroot: "tiny".into(),
                 arch: "amd64".into(),
                 repo: None,
+                ..Default::default()
             },
         )
         .await
@@ -246,6 +247,7 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         buildroot: buildroot.into(),
         arch: arch.into(),
         repo: None,
+        ..Default::default()
     };
     let err = h
         .client

@@ -225,6 +225,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
                 buildroot: "bookworm".into(),
                 arch: "amd64".into(),
                 repo: Some("bookworm".into()),
+                ..Default::default()
             },
         )
         .await

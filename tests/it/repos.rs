@@ -34,6 +34,7 @@ async fn with_demo_repo(h: TestHub) -> TestHub {
                 buildroot: "host".into(),
                 arch: "amd64".into(),
                 repo: Some("stable".into()),
+                ..Default::default()
             },
         )
         .await

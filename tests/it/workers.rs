@@ -19,7 +19,7 @@ async fn a_light_worker_leases_runs_and_ends_a_task_under_its_fence() {
 
     let lease = h
         .client
-        .worker_lease("w1", 5)
+        .worker_lease("w1", 5, None)
         .await
         .unwrap()
         .expect("a task");
@@ -37,7 +37,7 @@ async fn a_light_worker_leases_runs_and_ends_a_task_under_its_fence() {
     );
     // Nothing else queued: the long poll ends empty after its wait.
     let t = Instant::now();
-    assert!(h.client.worker_lease("w2", 1).await.unwrap().is_none());
+    assert!(h.client.worker_lease("w2", 1, None).await.unwrap().is_none());
     assert!(t.elapsed() >= Duration::from_millis(900));
 
     h.client
@@ -92,7 +92,7 @@ async fn a_light_worker_leases_runs_and_ends_a_task_under_its_fence() {
     assert_eq!(err.status(), Some(409), "{err}");
     let again = h
         .client
-        .worker_lease("w2", 5)
+        .worker_lease("w2", 5, None)
         .await
         .unwrap()
         .expect("re-queued");
@@ -131,7 +131,7 @@ async fn a_light_worker_leases_runs_and_ends_a_task_under_its_fence() {
 async fn a_waiting_worker_gets_a_task_as_soon_as_it_is_queued() {
     let mut h = hub(0).await;
     let c = h.client.clone();
-    let waiter = tokio::spawn(async move { c.worker_lease("w1", 20).await });
+    let waiter = tokio::spawn(async move { c.worker_lease("w1", 20, None).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let src = script_tree("late", "true", &["*"]);
     let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
@@ -143,7 +143,7 @@ async fn a_waiting_worker_gets_a_task_as_soon_as_it_is_queued() {
     let user = h.client.create_token("eve", false).await.unwrap();
     let eve = kiln::client::Client::new(&h.url(), Some(user.token));
     assert_eq!(
-        eve.worker_lease("w9", 0).await.unwrap_err().status(),
+        eve.worker_lease("w9", 0, None).await.unwrap_err().status(),
         Some(403)
     );
     h.stop().await;
