@@ -169,7 +169,10 @@ pub async fn worker_list(client: &Client) -> anyhow::Result<()> {
 
 /// `kiln worker show NAME`: everything the directory knows, as JSON.
 pub async fn worker_show(client: &Client, name: &str) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(&client.worker(name).await?)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&client.worker(name).await?)?
+    );
     Ok(())
 }
 
@@ -187,7 +190,11 @@ pub async fn worker_tokens(client: &Client) -> anyhow::Result<()> {
             Some(r) => format!("revoked {}", crate::model::format_ms(r)),
             None => "live".to_string(),
         };
-        println!("{}\tcreated {}\t{state}", t.name, crate::model::format_ms(t.created));
+        println!(
+            "{}\tcreated {}\t{state}",
+            t.name,
+            crate::model::format_ms(t.created)
+        );
     }
     Ok(())
 }

@@ -308,7 +308,10 @@ impl Client {
     }
 
     /// A join token for worker `name` (shown once).
-    pub async fn create_worker_token(&self, name: &str) -> Result<crate::remote::WorkerTokenCreated> {
+    pub async fn create_worker_token(
+        &self,
+        name: &str,
+    ) -> Result<crate::remote::WorkerTokenCreated> {
         self.json(
             self.req(reqwest::Method::POST, "/api/v1/worker-tokens")
                 .json(&crate::remote::WorkerTokenRequest {

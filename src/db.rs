@@ -14,12 +14,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::cas::Digest;
-use crate::workers::{AdminState, Needs, Speeds, WorkerInfo, WorkerRecord, WorkerToken};
 use crate::model::{
-    Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, Lease, Outcome,
-    Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task, TaskId, Token, now_ms,
-    HOST_TARGET,
+    Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, HOST_TARGET,
+    Lease, Outcome, Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task,
+    TaskId, Token, now_ms,
 };
+use crate::workers::{AdminState, Needs, Speeds, WorkerInfo, WorkerRecord, WorkerToken};
 
 /// Bumped whenever a stored type changes shape; `Db::open` refuses files from
 /// a newer kiln and upgrades older ones.
@@ -830,8 +830,9 @@ impl Db {
                     found = Some((k.value().to_vec(), tok));
                 }
             }
-            let (key, mut tok) = found
-                .ok_or_else(|| DbError::NotFound(format!("a live join token for worker {name:?}")))?;
+            let (key, mut tok) = found.ok_or_else(|| {
+                DbError::NotFound(format!("a live join token for worker {name:?}"))
+            })?;
             tok.revoked = Some(now_ms());
             t.insert(key.as_slice(), enc(&tok).as_slice())?;
             tok

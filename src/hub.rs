@@ -247,7 +247,9 @@ impl Hub {
                 return Ok(pr.rec.clone());
             }
         }
-        let rec = self.db.touch_worker(name, info, now, self.worker_gap_ms())?;
+        let rec = self
+            .db
+            .touch_worker(name, info, now, self.worker_gap_ms())?;
         let speeds = self.db.worker_speeds()?;
         let rating = crate::workers::Qos::of(&rec, &speeds, now).rating;
         let mut p = lock(&self.presence);

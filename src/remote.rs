@@ -24,8 +24,12 @@ use crate::config::TaskLimits;
 use crate::db::TaskEnd;
 use crate::hub::{Hub, lock};
 use crate::model::{Artifact, Build, Outcome, Task};
-use crate::server::{ApiError, ApiResult, Caller, Reader, WorkerCaller, parse_task_id, require_admin};
-use crate::workers::{AdminState, JoinToken, LOCAL_WORKER, Needs, WorkerInfo, WorkerToken, WorkerView};
+use crate::server::{
+    ApiError, ApiResult, Caller, Reader, WorkerCaller, parse_task_id, require_admin,
+};
+use crate::workers::{
+    AdminState, JoinToken, LOCAL_WORKER, Needs, WorkerInfo, WorkerToken, WorkerView,
+};
 
 /// Longest a lease request waits for work.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -375,7 +379,9 @@ async fn end(
 /// configuration, counts and QoS.
 async fn list_workers(_: Reader, State(hub): State<Arc<Hub>>) -> ApiResult<Json<Vec<WorkerView>>> {
     let h = hub.clone();
-    Ok(Json(tokio::task::spawn_blocking(move || h.directory()).await??))
+    Ok(Json(
+        tokio::task::spawn_blocking(move || h.directory()).await??,
+    ))
 }
 
 fn find_worker(hub: &Hub, name: &str) -> ApiResult<WorkerView> {

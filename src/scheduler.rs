@@ -7,9 +7,9 @@ use std::sync::Arc;
 use crate::cas::{CasError, PendingTree};
 use crate::db::{DbError, Leased};
 use crate::hub::{Hub, HubError};
-use crate::workers::{AdminState, Needs};
 use crate::kinds::{Recipe, RecipeError, validate_name};
 use crate::model::{Build, HOST_TARGET, PackageKind};
+use crate::workers::{AdminState, Needs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {

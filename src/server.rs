@@ -214,7 +214,9 @@ impl FromRequestParts<Arc<Hub>> for WorkerCaller {
                     t.name
                 )));
             }
-            return Ok(WorkerCaller { bound: Some(t.name) });
+            return Ok(WorkerCaller {
+                bound: Some(t.name),
+            });
         }
         let Caller(token) = Caller::from_request_parts(parts, hub).await?;
         require_admin(&token, "act as a worker").map(|_| WorkerCaller { bound: None })
@@ -760,8 +762,9 @@ async fn add_target(
     let needs = crate::workers::Needs {
         features,
         min_memory_bytes: req.min_memory_bytes,
-        min_cores: u32::try_from(req.min_cores)
-            .map_err(|_| ApiError::BadRequest(format!("min_cores {} is too large", req.min_cores)))?,
+        min_cores: u32::try_from(req.min_cores).map_err(|_| {
+            ApiError::BadRequest(format!("min_cores {} is too large", req.min_cores))
+        })?,
         min_disk_bytes: req.min_disk_bytes,
         ..Default::default()
     };

@@ -130,7 +130,7 @@ impl WorkerInfo {
             .map(|s| s.ram_total())
             .unwrap_or(0);
         let disk_free_bytes = nix::sys::statvfs::statvfs(data)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0);
         let mut feats: Vec<String> = features.to_vec();
         if std::fs::OpenOptions::new()
@@ -242,7 +242,9 @@ pub fn why_not_runnable(needs: &Needs, candidates: &[&WorkerInfo]) -> Option<Str
     }
     for f in &needs.features {
         if arch_ok.iter().all(|w| !w.features.contains(f)) {
-            return Some(format!("needs feature {f}; no enabled worker for {arch} has it"));
+            return Some(format!(
+                "needs feature {f}; no enabled worker for {arch} has it"
+            ));
         }
     }
     let most = |get: fn(&WorkerInfo) -> u64| arch_ok.iter().map(|w| get(w)).max().unwrap_or(0);
@@ -515,7 +517,10 @@ impl JoinToken {
     /// Parses a join token; None when `s` is not one (it may be a plain
     /// API token); Err when it looks like one but is malformed.
     pub fn parse(s: &str) -> Result<Option<JoinToken>, String> {
-        let Some(rest) = s.strip_prefix(JOIN_PREFIX).and_then(|r| r.strip_prefix('.')) else {
+        let Some(rest) = s
+            .strip_prefix(JOIN_PREFIX)
+            .and_then(|r| r.strip_prefix('.'))
+        else {
             return Ok(None);
         };
         let (fp, secret) = rest
@@ -588,7 +593,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(w.unmet(&feat), Some(Unmet::Feature("gpu".into())));
-        assert!(why_not_runnable(&feat, &[&w]).unwrap().contains("needs feature gpu"));
+        assert!(
+            why_not_runnable(&feat, &[&w])
+                .unwrap()
+                .contains("needs feature gpu")
+        );
         assert_eq!(
             why_not_runnable(&any, &[]).unwrap(),
             "no enabled worker is online"

@@ -4,6 +4,7 @@
 mod apt;
 mod buildroots;
 mod debian;
+mod directory;
 mod harness;
 mod hostile;
 mod hub;

@@ -37,7 +37,13 @@ async fn a_light_worker_leases_runs_and_ends_a_task_under_its_fence() {
     );
     // Nothing else queued: the long poll ends empty after its wait.
     let t = Instant::now();
-    assert!(h.client.worker_lease("w2", 1, None).await.unwrap().is_none());
+    assert!(
+        h.client
+            .worker_lease("w2", 1, None)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(t.elapsed() >= Duration::from_millis(900));
 
     h.client
@@ -252,6 +258,21 @@ async fn a_task_of_a_killed_worker_finishes_on_another() {
     let t = &v.detail.task_list[0];
     assert_eq!(t.worker.as_deref(), Some("w-second"));
     assert_eq!(t.attempt, 2);
+    // The directory: the first worker is offline with the loss counted.
+    let first = h.client.worker("w-first").await.unwrap();
+    assert_eq!(
+        first.state,
+        kiln::workers::WorkerState::Offline,
+        "{first:?}"
+    );
+    assert_eq!(first.stats.infra, 1, "{first:?}");
+    assert_eq!(first.qos.infra_failures, 1);
+    let second_view = h.client.worker("w-second").await.unwrap();
+    assert_eq!(second_view.stats.succeeded, 1, "{second_view:?}");
+    assert!(
+        second_view.qos.rating > first.qos.rating,
+        "{second_view:?} {first:?}"
+    );
     second.kill().unwrap();
     second.wait().unwrap();
     h.stop().await;
