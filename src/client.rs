@@ -287,6 +287,18 @@ impl Client {
             .await
     }
 
+    /// Streams a running task's log to the hub as it is written.
+    pub async fn worker_log(&self, task: u64, fence: u64, body: reqwest::Body) -> Result<()> {
+        let rb = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/v1/worker/tasks/{task}/log"),
+            )
+            .query(&[("fence", fence)])
+            .body(body);
+        self.send(rb).await.map(|_| ())
+    }
+
     /// The worker directory.
     pub async fn workers(&self) -> Result<Vec<crate::workers::WorkerView>> {
         self.json(self.req(reqwest::Method::GET, "/api/v1/workers"))

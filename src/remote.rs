@@ -42,6 +42,10 @@ pub fn routes(max_blob_bytes: u64) -> axum::Router<Arc<Hub>> {
         .route("/api/v1/worker/whoami", get(whoami))
         .route("/api/v1/worker/tasks/{id}/heartbeat", post(heartbeat))
         .route("/api/v1/worker/tasks/{id}/end", post(end))
+        .route(
+            "/api/v1/worker/tasks/{id}/log",
+            post(live_log).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/worker/blobs/missing", post(missing))
         .route(
             "/api/v1/worker/blobs/{hex}",
@@ -83,6 +87,9 @@ pub struct WorkerLease {
     /// Heartbeat well within this, or lose the task.
     pub lease_ms: i64,
     pub limits: TaskLimits,
+    /// The task's project target (None: `host`).
+    #[serde(default)]
+    pub target: Option<crate::model::Target>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -222,12 +229,14 @@ async fn lease(
         if let Some(l) = leased {
             hub.changed();
             let limits = hub.config.limits(&l.task.target);
+            let target = hub.db.target(&l.build.project, &l.task.target)?;
             return Ok(Json(WorkerLease {
                 task: l.task,
                 build: l.build,
                 fence: l.fence,
                 lease_ms,
                 limits,
+                target,
             })
             .into_response());
         }
@@ -257,6 +266,46 @@ async fn heartbeat(
         Ok::<_, ApiError>(h.db.heartbeat(id, f.fence, lease_ms)?)
     })
     .await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct FenceQuery {
+    pub fence: u64,
+}
+
+/// `POST /api/v1/worker/tasks/ID/log?fence=F` with the task's output as a
+/// streaming body: followers on the hub see a remote task's log as it is
+/// written. The worker still uploads the complete log at the end; that is
+/// the one recorded.
+async fn live_log(
+    caller: WorkerCaller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<FenceQuery>,
+    body: axum::body::Body,
+) -> ApiResult<StatusCode> {
+    use futures_util::StreamExt;
+    let id = parse_task_id(&id)?;
+    leaseholder(&hub, &caller, id)?;
+    let t = hub.db.task(id)?;
+    if t.lease.as_ref().map(|l| l.fence) != Some(q.fence) {
+        return Err(crate::db::DbError::StaleLease {
+            task: id,
+            given: q.fence,
+            current: t.lease.map(|l| l.fence),
+        }
+        .into());
+    }
+    // Room for the worker's own notes past the build's limit.
+    let limit = hub.config.limits(&t.target).log_limit_bytes + (64 << 10);
+    let io = |e: std::io::Error| ApiError::Internal(format!("live log of task {id}: {e}"));
+    let mut log = hub.logs.create(id, limit).map_err(io)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { break };
+        log.write(&chunk).map_err(io)?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

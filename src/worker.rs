@@ -110,6 +110,26 @@ pub async fn run_slot(hub: Arc<Hub>, slot: u32) {
     }
 }
 
+/// A task's project target (buildroot, arch, repo); None for `host`, the
+/// implicit target of script builds.
+pub fn task_target(
+    hub: &Hub,
+    build: &Build,
+    target: &str,
+) -> Result<Option<crate::model::Target>, ExecError> {
+    match target {
+        HOST_TARGET => Ok(None),
+        name => Ok(Some(
+            hub.db
+                .target(&build.project, name)
+                .map_err(prep("reading the target"))?
+                .ok_or_else(|| {
+                    ExecError::Prepare(format!("target {}/{name} is gone", build.project))
+                })?,
+        )),
+    }
+}
+
 /// Runs one leased task to its end and records it.
 pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased) {
     let task_id = leased.task.id;
@@ -118,7 +138,10 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     lock(&hub.running).insert(task_id, cancel.clone());
     let heartbeat = spawn_heartbeat(hub.clone(), task_id, fence, cancel.clone());
     let limits = hub.config.limits(&leased.task.target);
-    let result = execute(hub, slot, worker, &leased, limits, cancel.clone()).await;
+    let result = match task_target(hub, &leased.build, &leased.task.target) {
+        Ok(target) => execute(hub, slot, worker, &leased, target, limits, cancel.clone()).await,
+        Err(e) => Err(e),
+    };
     heartbeat.abort();
     lock(&hub.running).remove(&task_id);
     if hub.shutdown.is_cancelled() {
@@ -251,6 +274,7 @@ async fn execute(
     slot: u32,
     worker: &str,
     leased: &Leased,
+    target: Option<crate::model::Target>,
     limits: crate::config::TaskLimits,
     cancel: CancellationToken,
 ) -> Result<(TaskEnd, Option<LogWriter>), ExecError> {
@@ -261,19 +285,6 @@ async fn execute(
         .join(format!("task-{}-{}", task.id, leased.fence));
     let build_dir = work.join("build");
     let out_dir = work.join("out");
-    // A project target (buildroot, arch, repo); `host` is the implicit one
-    // of script builds.
-    let target = match task.target.as_str() {
-        HOST_TARGET => None,
-        name => Some(
-            hub.db
-                .target(&build.project, name)
-                .map_err(prep("reading the target"))?
-                .ok_or_else(|| {
-                    ExecError::Prepare(format!("target {}/{name} is gone", build.project))
-                })?,
-        ),
-    };
     let mut log = hub.logs.create(task.id, limits.log_limit_bytes)?;
     log.note(&format!(
         "build {} ({}/{}), task {} attempt {} on {worker}",
@@ -716,8 +727,24 @@ async fn run_remote_task(
         build: l.build,
         fence,
     };
-    let result = execute(local, slot, name, &leased, l.limits, cancel).await;
+    let finished = CancellationToken::new();
+    let streamer = tokio::spawn(stream_log(
+        client.clone(),
+        local.clone(),
+        task,
+        fence,
+        finished.clone(),
+    ));
+    let result = execute(local, slot, name, &leased, l.target, l.limits, cancel).await;
     heartbeat.abort();
+    // The live copy gets everything before the end is reported.
+    finished.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), streamer)
+        .await
+        .is_err()
+    {
+        tracing::warn!(task, "the live log stream did not finish in time");
+    }
     if local.shutdown.is_cancelled() {
         // The hub re-queues the task when the lease runs out.
         return Ok(());
@@ -764,6 +791,68 @@ async fn run_remote_task(
     }
     sent?;
     Ok(())
+}
+
+/// Copies task `task`'s local log to the hub as it grows (one streaming
+/// request), until `finished` fires and the file is read to its end.
+/// Best effort: the complete log is uploaded at the end regardless.
+async fn stream_log(
+    client: crate::client::Client,
+    local: Arc<Hub>,
+    task: crate::model::TaskId,
+    fence: u64,
+    finished: CancellationToken,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    // The log appears when the task starts.
+    let live = loop {
+        if let Some(l) = local.logs.get(task) {
+            break l;
+        }
+        if finished.is_cancelled() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let Ok(mut file) = std::fs::File::open(&live.path) else {
+        return;
+    };
+    let mut progress = live.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let send = tokio::spawn(async move { client.worker_log(task, fence, body).await });
+    let mut off = 0u64;
+    loop {
+        let p = *progress.borrow_and_update();
+        let last = p.done || finished.is_cancelled();
+        let end = if last { u64::MAX } else { p.len };
+        while off < end {
+            let mut buf = vec![0u8; (end - off).min(256 * 1024) as usize];
+            let n = match file
+                .seek(SeekFrom::Start(off))
+                .and_then(|_| file.read(&mut buf))
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buf.truncate(n);
+            off += n as u64;
+            if tx.send(Ok(buf.into())).await.is_err() {
+                return;
+            }
+        }
+        if last {
+            break;
+        }
+        tokio::select! {
+            r = progress.changed() => if r.is_err() { finished.cancelled().await },
+            _ = finished.cancelled() => {}
+        }
+    }
+    drop(tx);
+    if let Ok(Err(e)) = send.await {
+        tracing::debug!(task, error = %e, "live log stream refused");
+    }
 }
 
 /// Makes the tree `digest` and its files present in the local store,

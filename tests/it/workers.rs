@@ -277,3 +277,42 @@ async fn a_task_of_a_killed_worker_finishes_on_another() {
     second.wait().unwrap();
     h.stop().await;
 }
+
+/// A remote task's log reaches followers on the hub while it runs, and the
+/// stored log is the same text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_tasks_log_streams_live_to_the_hub() {
+    use futures_util::StreamExt;
+    let mut h = hub(0).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut worker = start_worker(&h, "w-live", &data.path().join("w"));
+    let src = script_tree(
+        "livefar",
+        "echo first-line; n=0; while [ $n -lt 40 ]; do sleep 0.1; n=$((n+1)); done; echo last-line",
+        &[],
+    );
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+    let mut s = Box::pin(h.client.log(b.id, true).await.unwrap());
+    let mut seen = String::new();
+    while !seen.contains("first-line") {
+        let c = tokio::time::timeout(Duration::from_secs(60), s.next())
+            .await
+            .expect("log chunk in time")
+            .expect("stream open")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&c));
+    }
+    let v = h.client.build(b.id).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Running, "{seen}");
+    assert!(!seen.contains("last-line"), "{seen}");
+    while let Some(c) = s.next().await {
+        seen.push_str(&String::from_utf8_lossy(&c.unwrap()));
+    }
+    assert!(seen.contains("last-line"), "{seen}");
+    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Succeeded);
+    assert_eq!(h.client.log_text(b.id).await.unwrap(), seen);
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    h.stop().await;
+}
