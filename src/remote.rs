@@ -413,13 +413,18 @@ async fn end(
         }
     }
     let publish_to = crate::worker::publish_target(&end);
+    let requeues = matches!(end.outcome, Outcome::Infrastructure(_));
     let (h, max) = (hub.clone(), hub.config.build.max_attempts);
     let build =
         tokio::task::spawn_blocking(move || h.db.finish_task(id, r.fence, end, max)).await??;
     if let Some((project, repo)) = publish_to {
         crate::worker::spawn_publish(&hub, project, repo);
     }
-    hub.queued.notify_waiters();
+    // Only a re-queued task is new work for waiting workers; waking them
+    // all on every end would have each take the writer for nothing.
+    if requeues {
+        hub.queued.notify_waiters();
+    }
     hub.changed();
     Ok(Json(build))
 }

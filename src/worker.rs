@@ -180,7 +180,10 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     if let Some((project, repo)) = publish_to {
         spawn_publish(hub, project, repo);
     }
-    hub.queued.notify_waiters();
+    // A re-queued task is new work for the other slots and workers.
+    if matches!(outcome, Outcome::Infrastructure(_)) {
+        hub.queued.notify_waiters();
+    }
     hub.changed();
 }
 
