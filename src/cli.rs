@@ -41,6 +41,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the kiln binary")?;
     let running = crate::start(config, exe).await?;
     eprintln!("kiln: listening on {}", running.url());
+    if let (Some(url), Some(fp)) = (running.tls_url(), &running.hub.tls_fingerprint) {
+        eprintln!("kiln: HTTPS on {url}, certificate fingerprint (SHA-256) {fp}");
+    }
     eprintln!(
         "kiln: data in {}, admin token in {}",
         running.hub.data_dir().display(),
