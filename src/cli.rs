@@ -41,6 +41,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the kiln binary")?;
     let running = crate::start(config, exe).await?;
     eprintln!("kiln: listening on {}", running.url());
+    if let (Some(url), Some(fp)) = (running.tls_url(), &running.hub.tls_fingerprint) {
+        eprintln!("kiln: HTTPS on {url}, certificate fingerprint (SHA-256) {fp}");
+    }
     eprintln!(
         "kiln: data in {}, admin token in {}",
         running.hub.data_dir().display(),
@@ -72,7 +75,9 @@ pub struct WorkerOptions {
 pub fn worker_client(hub: &str, token: &str) -> anyhow::Result<Client> {
     let join = crate::workers::JoinToken::parse(token).map_err(|m| anyhow::anyhow!(m))?;
     Ok(match join {
-        Some(j) => Client::new(hub, Some(j.secret)),
+        // A pin on a plain-http URL is refused by `pinned`: the token came
+        // from a hub serving HTTPS, so the worker must use its https URL.
+        Some(j) => Client::pinned(hub, Some(j.secret), j.fingerprint.as_deref())?,
         None => Client::new(hub, Some(token.to_string())),
     })
 }

@@ -1,7 +1,9 @@
-//! The one typed HTTP client of the hub's API, used by the CLI, (later) the
-//! remote worker, and the tests.
+//! The one typed HTTP client of the hub's API, used by the CLI, the remote
+//! worker, and the tests. Over `https://` it either trusts the usual CAs or,
+//! given the hub's certificate fingerprint, that one certificate alone.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -23,6 +25,21 @@ pub enum ClientError {
     Api { status: u16, message: String },
     #[error("cannot reach the hub at {url}: {source}")]
     Transport { url: String, source: reqwest::Error },
+    /// The hub's certificate is not the pinned one: the connection was
+    /// refused in the handshake, before any request was sent.
+    #[error(
+        "refused the hub at {url}: the hub's certificate has fingerprint {actual} \
+         but {pinned} was pinned"
+    )]
+    Pin {
+        url: String,
+        actual: String,
+        pinned: String,
+    },
+    /// The client cannot be made as asked (a malformed fingerprint, a pin
+    /// on a plain-HTTP URL).
+    #[error("{0}")]
+    Setup(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("unexpected answer from the hub: {0}")]
@@ -45,6 +62,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// Set for a pinned `https://` client: the handshake's verdicts.
+    pin: Option<Arc<PinVerifier>>,
 }
 
 impl Client {
@@ -53,6 +72,8 @@ impl Client {
         &self.base
     }
 
+    /// A client trusting what reqwest trusts: for `https://`, certificates
+    /// issued by a CA the platform trusts (a self-signed hub fails).
     pub fn new(base: &str, token: Option<String>) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
@@ -60,7 +81,53 @@ impl Client {
             http: reqwest::Client::builder()
                 .build()
                 .expect("reqwest client builds"),
+            pin: None,
         }
+    }
+
+    /// A client that, with a `fingerprint`, trusts exactly the `https://`
+    /// hub whose certificate has that SHA-256 (as `kiln serve` prints it):
+    /// no CA and no host-name check, the pin is the trust. Handshake
+    /// signatures are still verified, so only the holder of that
+    /// certificate's key gets through. Without a fingerprint, as
+    /// [`Client::new`].
+    pub fn pinned(base: &str, token: Option<String>, fingerprint: Option<&str>) -> Result<Client> {
+        let Some(fingerprint) = fingerprint else {
+            return Ok(Client::new(base, token));
+        };
+        let pinned = crate::tls::parse_fingerprint(fingerprint).map_err(ClientError::Setup)?;
+        if !base.starts_with("https://") {
+            // Over plain HTTP a pin would protect nothing; saying so beats
+            // silently sending the token in the clear.
+            return Err(ClientError::Setup(format!(
+                "a certificate fingerprint was given, but {base} is not an https:// URL"
+            )));
+        }
+        let provider = crate::tls::crypto_provider();
+        let verifier = Arc::new(PinVerifier {
+            pinned,
+            provider: provider.clone(),
+            refused: Mutex::new(None),
+        });
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Setup(format!("TLS set-up: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        // reqwest takes the config as `dyn Any` and only recognises its own
+        // rustls version's ClientConfig; with another it errors here
+        // ("Unknown TLS backend"). Cargo.toml keeps the two on one 0.23.
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .map_err(|e| ClientError::Setup(format!("TLS set-up: {e}")))?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+            pin: Some(verifier),
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -79,11 +146,32 @@ impl Client {
         }
     }
 
+    /// A failed request as an error: a refused pin when the handshake
+    /// refused the hub's certificate, else a transport error.
+    fn transport(&self, source: reqwest::Error) -> ClientError {
+        // reqwest's error keeps the rustls error only as an opaque source
+        // chain, so the verifier leaves what it saw on the side. Taking it
+        // means a concurrent failure on the same client may report the
+        // plain transport error instead; never the wrong fingerprint.
+        let refused = self.pin.as_ref().and_then(|p| {
+            let actual = p.refused.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+            Some((actual, p.pinned.clone()))
+        });
+        match refused {
+            Some((actual, pinned)) => ClientError::Pin {
+                url: self.base.clone(),
+                actual,
+                pinned,
+            },
+            None => ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            },
+        }
+    }
+
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = rb.send().await.map_err(|source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        })?;
+        let resp = rb.send().await.map_err(|e| self.transport(e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -97,13 +185,7 @@ impl Client {
 
     async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
         let resp = self.send(rb).await?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
-                source,
-            })?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
@@ -268,13 +350,7 @@ impl Client {
         if resp.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
-                source,
-            })?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| ClientError::Decode(e.to_string()))
@@ -488,10 +564,7 @@ impl Client {
             &format!("/api/v1/buildroots/{name}/log"),
         );
         let resp = self.send(rb).await?;
-        resp.text().await.map_err(|source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        })
+        resp.text().await.map_err(|e| self.transport(e))
     }
 
     /// Adds a target to a project (its repo and signing key come with it).
@@ -620,6 +693,82 @@ impl Client {
     }
 }
 
+/// Accepts the server exactly when its end-entity certificate hashes to the
+/// pin. Chain, names and dates are not looked at: the pin says which
+/// certificate, and the signature checks say the server holds its key.
+#[derive(Debug)]
+struct PinVerifier {
+    pinned: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The fingerprint of the last certificate refused, for the error.
+    refused: Mutex<Option<String>>,
+}
+
+/// The handshake's error (rustls keeps it as the reason).
+#[derive(Debug, thiserror::Error)]
+#[error("certificate fingerprint {actual} is not the pinned {pinned}")]
+struct PinMismatch {
+    actual: String,
+    pinned: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let actual = crate::tls::fingerprint(end_entity);
+        if actual == self.pinned {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(actual.clone());
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
+                actual,
+                pinned: self.pinned.clone(),
+            }))),
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 fn dir_name(dir: &Path) -> Option<String> {
     std::fs::canonicalize(dir)
         .ok()
@@ -674,4 +823,29 @@ fn tar_stream_of(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_checked_before_any_request() {
+        let fp = "ab".repeat(32);
+        // Builds: reqwest accepted the rustls config (same rustls version).
+        let c = Client::pinned("https://127.0.0.1:1/", None, Some(&fp)).unwrap();
+        assert_eq!(c.base_url(), "https://127.0.0.1:1");
+        let e = Client::pinned("https://h", None, Some("abc"))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
+        let e = Client::pinned("http://h", None, Some(&fp)).err().unwrap();
+        assert!(e.to_string().contains("not an https:// URL"), "{e}");
+        assert!(
+            Client::pinned("http://h", None, None)
+                .unwrap()
+                .pin
+                .is_none()
+        );
+    }
 }

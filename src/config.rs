@@ -54,6 +54,25 @@ pub struct ServerConfig {
     /// kiln hands out. Unset: `http://` + the request's Host header.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// Where the hub also serves HTTPS (`KILN_TLS_LISTEN`, `--tls-listen`),
+    /// in addition to `listen`, which stays plain HTTP for the CLI on
+    /// loopback. Port 0 picks a free port. Unset: no HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain (leaf first) to serve on `tls_listen`, with
+    /// `tls_key`: both or neither. Unset: the hub generates a self-signed
+    /// certificate on first start, keeps it in `DATA/tls/` and reuses it,
+    /// so the fingerprint clients pin stays the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS names and IP addresses for the generated certificate,
+    /// besides `localhost`, `127.0.0.1`, `::1`, the host name and the
+    /// `tls_listen` address. Only read when the certificate is made: remove
+    /// `DATA/tls/` to make a new one (pinned clients need its fingerprint).
+    pub tls_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,6 +165,10 @@ impl Default for ServerConfig {
             max_upload_bytes: 1 << 30,
             public_reads: true,
             public_url: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_names: Vec::new(),
         }
     }
 }
@@ -209,6 +232,10 @@ impl Config {
         if let Some(u) = &self.server.public_url {
             check_public_url(u).map_err(|m| format!("[server] public_url: {m}"))?;
         }
+        crate::tls::supplied_files(&self.server).map_err(|e| e.to_string())?;
+        for n in &self.server.tls_names {
+            crate::tls::check_name(n).map_err(|m| format!("[server] tls_names: {m}"))?;
+        }
         let all = std::iter::once((
             "[build]".to_string(),
             self.limits_of(&TargetLimits::default()),
@@ -262,6 +289,12 @@ impl Config {
         }
         if let Some(v) = get("KILN_LISTEN") {
             self.server.listen = v.parse().map_err(|e| bad("KILN_LISTEN", v.clone(), e))?;
+        }
+        if let Some(v) = get("KILN_TLS_LISTEN") {
+            let addr = v
+                .parse()
+                .map_err(|e| bad("KILN_TLS_LISTEN", v.clone(), e))?;
+            self.server.tls_listen = Some(addr);
         }
         if let Some(v) = get("KILN_DATA") {
             self.server.data = PathBuf::from(v);
@@ -366,6 +399,30 @@ mod tests {
         assert!(err.contains("disk_limit_bytes"), "{err}");
         let err = Config::parse("[targets.y]\nmemory = 10\n").unwrap_err();
         assert!(err.contains("line 2") && err.contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn tls_keys() {
+        let c = Config::parse(
+            "[server]\ntls_listen = \"0.0.0.0:8443\"\ntls_names = [\"hub.example.org\", \"10.1.2.3\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.tls_listen.unwrap().port(), 8443);
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+        let err = Config::parse("[server]\ntls_cert = \"/etc/kiln/hub.crt\"\n").unwrap_err();
+        assert!(err.contains("tls_key"), "{err}");
+        let err = Config::parse("[server]\ntls_key = \"/etc/kiln/hub.key\"\n").unwrap_err();
+        assert!(err.contains("tls_cert"), "{err}");
+        let err = Config::parse("[server]\ntls_names = [\"a b\"]\n").unwrap_err();
+        assert!(err.contains("tls_names") && err.contains("a b"), "{err}");
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "KILN_TLS_LISTEN").then(|| "127.0.0.1:0".into()))
+            .unwrap();
+        assert!(c.server.tls_listen.is_some());
+        let err = c
+            .apply_env(|k| (k == "KILN_TLS_LISTEN").then(|| "nope".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("KILN_TLS_LISTEN"), "{err}");
     }
 
     #[test]

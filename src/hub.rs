@@ -7,6 +7,8 @@
 //! - `admin.token`    the first admin token, mode 0600, for the CLI on this machine
 //! - `logs/`          live logs of running tasks
 //! - `work/`          per-task scratch (source checkout, outputs); emptied at start
+//! - `tls/`           the generated HTTPS certificate `hub.crt` and its key `hub.key`
+//!   (0600), made once and kept because clients pin its fingerprint (tls)
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ pub enum HubError {
     Db(#[from] DbError),
     #[error(transparent)]
     Cas(#[from] CasError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -68,6 +72,11 @@ pub struct Hub {
     /// Workers heard from lately: their entry (refreshed at most every
     /// `PRESENCE_WRITE_MS`) and how many lease requests of theirs wait.
     pub presence: std::sync::Mutex<std::collections::HashMap<String, Presence>>,
+    /// Lowercase hex SHA-256 of the certificate served on `tls_listen`
+    /// (`None` without HTTPS): what workers and join tokens pin.
+    pub tls_fingerprint: Option<String>,
+    /// The rustls config the TLS listener serves with (`start` binds it).
+    pub(crate) tls_config: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A worker as the hub knows it between directory writes.
@@ -115,6 +124,9 @@ impl Hub {
     pub fn open(config: Config, kiln_exe: PathBuf) -> Result<Arc<Hub>, HubError> {
         let data = config.server.data.clone();
         std::fs::create_dir_all(&data).map_err(io_at(&data))?;
+        // Before the database: a bad certificate or key fails the start
+        // without touching anything.
+        let tls = crate::tls::load_or_create(&config.server, &data)?;
         let db = Db::open(&data.join("kiln.redb"))?;
         let cas = Cas::open(&data.join("cas"))?;
         let logs = Arc::new(LiveLogs::open(data.join("logs")).map_err(io_at(&data))?);
@@ -146,6 +158,8 @@ impl Hub {
             running: Default::default(),
             local_info,
             presence: Default::default(),
+            tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+            tls_config: tls.map(|t| t.config),
         });
         hub.ensure_admin_token()?;
         if hub.config.build.slots > 0 {
@@ -214,12 +228,6 @@ impl Hub {
 
     pub fn check_token(&self, secret: &str) -> Result<Option<Token>, HubError> {
         Ok(self.db.token(&token_hash(secret))?)
-    }
-
-    /// The SHA-256 fingerprint of the certificate the hub serves HTTPS
-    /// with, which join tokens carry; None without TLS.
-    pub fn tls_fingerprint(&self) -> Option<String> {
-        None
     }
 
     /// A worker unseen for this long is offline (a lease length: idle

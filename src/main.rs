@@ -139,6 +139,9 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Also serve HTTPS on this address (see docs/config.md, tls_*).
+    #[arg(long)]
+    tls_listen: Option<std::net::SocketAddr>,
     /// Data directory.
     #[arg(long, env = "KILN_DATA")]
     data: Option<PathBuf>,
@@ -336,6 +339,9 @@ fn load_config(file: Option<&PathBuf>, a: &ServeArgs) -> anyhow::Result<Config> 
     let mut c = Config::load(file.map(|p| p.as_path()))?;
     if let Some(l) = a.listen {
         c.server.listen = l;
+    }
+    if let Some(l) = a.tls_listen {
+        c.server.tls_listen = Some(l);
     }
     if let Some(d) = &a.data {
         c.server.data = d.clone();

@@ -523,7 +523,7 @@ async fn create_worker_token(
         },
     )?;
     let token = JoinToken {
-        fingerprint: hub.tls_fingerprint(),
+        fingerprint: hub.tls_fingerprint.clone(),
         secret,
     };
     Ok((

@@ -12,6 +12,7 @@ mod publish;
 mod repos;
 mod restart;
 mod sandbox;
+mod tls;
 mod workers;
 
 use std::path::PathBuf;
