@@ -133,14 +133,18 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
             ))
         })
         .collect();
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+    let refused = tokio::select! {
+        _ = int.recv() => false,
+        _ = term.recv() => false,
+        _ = local.shutdown.cancelled() => true,
+    };
     eprintln!("kiln: worker stopping");
     local.shutdown.cancel();
     for l in loops {
         let _ = l.await;
+    }
+    if refused {
+        bail!("worker {name} stopped: the hub refused its token");
     }
     Ok(())
 }

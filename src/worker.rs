@@ -676,6 +676,13 @@ pub async fn run_remote_slot(
                 }
             }
             Ok(None) => {}
+            Err(e) if e.status() == Some(401) => {
+                // Revoked or unknown: this worker may not run; stop it all.
+                tracing::error!(error = %e, "the hub refused this worker's token; stopping");
+                eprintln!("kiln: the hub refused this worker's token: {e}");
+                local.shutdown.cancel();
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lease from the hub; retrying");
                 tokio::select! {

@@ -8,6 +8,7 @@ mod directory;
 mod harness;
 mod hostile;
 mod hub;
+mod netns;
 mod publish;
 mod repos;
 mod restart;

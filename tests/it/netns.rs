@@ -1,0 +1,254 @@
+//! Remote workers over a real network: the hub on HTTPS, two `kiln worker`
+//! processes each in its own network namespace joined to the hub by a veth
+//! pair. Traffic goes only to the addresses this test gives those pairs.
+//! Needs root (ip netns); skipped with a message otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::model::BuildState;
+use kiln::workers::WorkerState;
+
+use crate::harness::*;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with a veth pair to the host: host side `HOST_IP`,
+/// namespace side `.2`. Removed on drop (with the pair).
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+}
+
+impl Netns {
+    fn new(n: u8) -> Netns {
+        let tag = std::process::id() % 100_000;
+        let name = format!("kiln-t{tag}-{n}");
+        let (host_if, ns_if) = (format!("kh{tag}x{n}"), format!("kw{tag}x{n}"));
+        let net = format!("10.213.{}", 10 + n);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{net}.2/24"),
+            "dev",
+            &ns_if,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns {
+            name,
+            host_if,
+            host_ip: format!("{net}.1"),
+        }
+    }
+
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+
+    /// `kiln worker` inside this namespace, talking to the hub's HTTPS
+    /// port on this pair's host address; stderr goes to `log`.
+    fn worker(&self, port: u16, token: &str, name: &str, data: &Path, log: &Path) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(crate::kiln_exe())
+            .args(["worker", "--slots", "1", "--name", name, "--token", token])
+            .args(["--hub", &format!("https://{}:{port}", self.host_ip)])
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+fn read(p: &PathBuf) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Waits until `what` holds, polling; panics after `secs` with `ctx()`.
+async fn until<F, Fut>(secs: u64, mut what: F, ctx: impl Fn() -> String)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !what().await {
+        assert!(Instant::now() < deadline, "timed out: {}", ctx());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a build's (only) task to run and returns its worker.
+async fn running_on(h: &TestHub, build: u64, ctx: impl Fn() -> String) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = h.client.build(build).await.unwrap();
+        let t = &v.detail.task_list[0];
+        if t.state == BuildState::Running
+            && let Some(w) = &t.worker
+        {
+            return w.clone();
+        }
+        assert!(Instant::now() < deadline, "never ran: {}", ctx());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_in_their_own_network_namespaces() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let mut h = hub_with(0, |c| {
+        c.server.tls_listen = Some("0.0.0.0:0".parse().unwrap());
+        c.build.lease_secs = 3;
+    })
+    .await;
+    let port = h.running.as_ref().unwrap().tls_addr.unwrap().port();
+    let (ns1, ns2) = (Netns::new(1), Netns::new(2));
+    let dir = tempfile::tempdir().unwrap();
+    let (log1, log2) = (dir.path().join("w1.log"), dir.path().join("w2.log"));
+    let t1 = h.client.create_worker_token("w1").await.unwrap().token;
+    let t2 = h.client.create_worker_token("w2").await.unwrap().token;
+
+    // A worker pinning another certificate refuses the hub.
+    let j = kiln::workers::JoinToken::parse(&t1).unwrap().unwrap();
+    let wrong = kiln::workers::JoinToken {
+        fingerprint: Some("0".repeat(64)),
+        secret: j.secret.clone(),
+    };
+    let bad_log = dir.path().join("bad.log");
+    let status = ns1
+        .worker(
+            port,
+            &wrong.to_string(),
+            "w1",
+            &dir.path().join("bad"),
+            &bad_log,
+        )
+        .wait()
+        .unwrap();
+    assert!(!status.success());
+    assert!(read(&bad_log).contains("was pinned"), "{}", read(&bad_log));
+
+    let mut w1 = ns1.worker(port, &t1, "w1", &dir.path().join("d1"), &log1);
+    let mut w2 = ns2.worker(port, &t2, "w2", &dir.path().join("d2"), &log2);
+    let logs = || format!("w1:\n{}\nw2:\n{}", read(&log1), read(&log2));
+    until(
+        60,
+        || async {
+            let d = h.client.workers().await.unwrap();
+            d.iter().filter(|w| w.state == WorkerState::Idle).count() == 2
+        },
+        logs,
+    )
+    .await;
+
+    // Builds spread over both workers and succeed.
+    let src = script_tree("spread", "sleep 1; echo ok > $KILN_OUT/ok.txt", &["*.txt"]);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            h.client
+                .submit_dir(src.path(), None, None)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for id in &ids {
+        let v = h.client.wait(*id, BUILD_TIMEOUT).await.unwrap();
+        assert_eq!(v.detail.build.state, BuildState::Succeeded, "{}", logs());
+        used.insert(v.detail.task_list[0].worker.clone().unwrap());
+    }
+    assert_eq!(used.into_iter().collect::<Vec<_>>(), ["w1", "w2"]);
+
+    // Link down mid-task: the lease runs out, the task re-runs on the
+    // other worker; when the link is back the old worker's late end is
+    // refused by the fence.
+    let cut = script_tree("cut", "sleep 2; echo done > $KILN_OUT/x.txt", &["*.txt"]);
+    let b = h.client.submit_dir(cut.path(), None, None).await.unwrap();
+    let first = running_on(&h, b.id, logs).await;
+    let (ns_cut, cut_log) = if first == "w1" {
+        (&ns1, &log1)
+    } else {
+        (&ns2, &log2)
+    };
+    ns_cut.link(false);
+    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    let t = &v.detail.task_list[0];
+    assert_eq!(v.detail.build.state, BuildState::Succeeded, "{}", logs());
+    assert_ne!(t.worker.as_deref(), Some(first.as_str()));
+    assert_eq!(t.attempt, 2);
+    ns_cut.link(true);
+    until(40, || async { read(cut_log).contains("is stale") }, logs).await;
+    // Still the re-run's result.
+    let again = h.client.build(b.id).await.unwrap();
+    assert_eq!(again.detail.task_list[0].worker, t.worker);
+    assert_eq!(again.detail.task_list[0].attempt, 2);
+
+    // kill -9 mid-task: the task finishes on the other worker, and the
+    // directory shows the killed one offline with a failure counted.
+    let slow = script_tree("killed", "sleep 3", &[]);
+    let b = h.client.submit_dir(slow.path(), None, None).await.unwrap();
+    let victim = running_on(&h, b.id, logs).await;
+    let infra_before = h.client.worker(&victim).await.unwrap().stats.infra;
+    let (killed, survivor, survivor_name) = if victim == "w1" {
+        (&mut w1, &mut w2, "w2")
+    } else {
+        (&mut w2, &mut w1, "w1")
+    };
+    // `ip netns exec` execs the worker: this pid is the worker.
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Succeeded, "{}", logs());
+    assert_eq!(v.detail.task_list[0].worker.as_deref(), Some(survivor_name));
+    let gone = h.client.worker(&victim).await.unwrap();
+    assert_eq!(gone.state, WorkerState::Offline, "{gone:?}");
+    assert_eq!(gone.stats.infra, infra_before + 1, "{gone:?}");
+
+    // A revoked token is refused: the survivor stops at its next request.
+    h.client.revoke_worker_token(survivor_name).await.unwrap();
+    let status = survivor.wait().unwrap();
+    assert!(!status.success(), "{}", logs());
+    let survivor_log = if survivor_name == "w1" { &log1 } else { &log2 };
+    assert!(read(survivor_log).contains("revoked"), "{}", logs());
+    h.stop().await;
+}
