@@ -122,6 +122,7 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
         who.hub_version,
         info.version,
     );
+    let restart = tokio_util::sync::CancellationToken::new();
     let loops: Vec<_> = (0..slots)
         .map(|s| {
             tokio::spawn(crate::worker::run_remote_slot(
@@ -130,13 +131,41 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
                 s as u32,
                 name.clone(),
                 info.clone(),
+                restart.clone(),
             ))
         })
         .collect();
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    let updater = o.self_update.then(|| {
+        tokio::spawn(crate::worker::watch_for_update(
+            client.clone(),
+            exe.clone(),
+            std::time::Duration::from_secs(60),
+            restart.clone(),
+        ))
+    });
     let refused = tokio::select! {
         _ = int.recv() => false,
         _ = term.recv() => false,
         _ = local.shutdown.cancelled() => true,
+        _ = restart.cancelled() => {
+            // Self-update: every slot finishes its task, then the new
+            // binary takes this process over (same pid, same arguments).
+            for l in loops {
+                let _ = l.await;
+            }
+            if let Some(Ok(Some(staged))) = match updater { Some(u) => Some(u.await), None => None } {
+                std::fs::rename(&staged, &exe)
+                    .with_context(|| format!("replacing {}", exe.display()))?;
+                eprintln!("kiln: worker {name} restarting into the hub's kiln {}", who.hub_version);
+                use std::os::unix::process::CommandExt;
+                let err = std::process::Command::new(&exe)
+                    .args(std::env::args_os().skip(1))
+                    .exec();
+                bail!("cannot restart into {}: {err}", exe.display());
+            }
+            bail!("self-update stopped the slots but staged no binary");
+        }
     };
     eprintln!("kiln: worker stopping");
     local.shutdown.cancel();

@@ -375,6 +375,13 @@ impl Client {
         self.send(rb).await.map(|_| ())
     }
 
+    /// The hub's kiln binary (for self-update): the response, whose
+    /// `x-kiln-sha256` header names its digest.
+    pub async fn worker_binary(&self) -> Result<reqwest::Response> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/worker/binary"))
+            .await
+    }
+
     /// The worker directory.
     pub async fn workers(&self) -> Result<Vec<crate::workers::WorkerView>> {
         self.json(self.req(reqwest::Method::GET, "/api/v1/workers"))

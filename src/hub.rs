@@ -72,6 +72,8 @@ pub struct Hub {
     /// Workers heard from lately: their entry (refreshed at most every
     /// `PRESENCE_WRITE_MS`) and how many lease requests of theirs wait.
     pub presence: std::sync::Mutex<std::collections::HashMap<String, Presence>>,
+    /// `version()`, computed on first use (it hashes the binary).
+    version: std::sync::Mutex<Option<String>>,
     /// Lowercase hex SHA-256 of the certificate served on `tls_listen`
     /// (`None` without HTTPS): what workers and join tokens pin.
     pub tls_fingerprint: Option<String>,
@@ -158,6 +160,7 @@ impl Hub {
             running: Default::default(),
             local_info,
             presence: Default::default(),
+            version: Default::default(),
             tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
             tls_config: tls.map(|t| t.config),
         });
@@ -228,6 +231,14 @@ impl Hub {
 
     pub fn check_token(&self, secret: &str) -> Result<Option<Token>, HubError> {
         Ok(self.db.token(&token_hash(secret))?)
+    }
+
+    /// The version of the kiln binary this hub runs tasks with (and hands
+    /// to self-updating workers).
+    pub fn version(&self) -> String {
+        lock(&self.version)
+            .get_or_insert_with(|| crate::workers::version_of(&self.kiln_exe))
+            .clone()
     }
 
     /// A worker unseen for this long is offline (a lease length: idle

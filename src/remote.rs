@@ -40,6 +40,7 @@ pub fn routes(max_blob_bytes: u64) -> axum::Router<Arc<Hub>> {
     axum::Router::new()
         .route("/api/v1/worker/lease", post(lease))
         .route("/api/v1/worker/whoami", get(whoami))
+        .route("/api/v1/worker/binary", get(binary))
         .route("/api/v1/worker/tasks/{id}/heartbeat", post(heartbeat))
         .route("/api/v1/worker/tasks/{id}/end", post(end))
         .route(
@@ -131,11 +132,38 @@ pub struct WhoAmI {
 }
 
 /// `GET /api/v1/worker/whoami`: which worker this credential speaks for.
-async fn whoami(caller: WorkerCaller) -> Json<WhoAmI> {
-    Json(WhoAmI {
+async fn whoami(caller: WorkerCaller, State(hub): State<Arc<Hub>>) -> ApiResult<Json<WhoAmI>> {
+    let h = hub.clone();
+    let hub_version = tokio::task::spawn_blocking(move || h.version()).await?;
+    Ok(Json(WhoAmI {
         worker: caller.bound,
-        hub_version: crate::workers::self_version(),
-    })
+        hub_version,
+    }))
+}
+
+/// The header carrying the binary's sha256 on `GET /api/v1/worker/binary`.
+pub const BINARY_DIGEST_HEADER: &str = "x-kiln-sha256";
+
+/// `GET /api/v1/worker/binary`: the kiln binary the hub runs, for workers
+/// that update themselves; its sha256 in `x-kiln-sha256`.
+async fn binary(_: WorkerCaller, State(hub): State<Arc<Hub>>) -> ApiResult<Response> {
+    let path = hub.kiln_exe.clone();
+    let p = path.clone();
+    let digest = tokio::task::spawn_blocking(move || crate::workers::file_digest(&p))
+        .await?
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (BINARY_DIGEST_HEADER, digest.to_hex()),
+            ("content-type", "application/octet-stream".to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// Counts a worker's waiting lease requests while one is open, so the

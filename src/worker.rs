@@ -662,10 +662,13 @@ pub async fn run_remote_slot(
     slot: u32,
     name: String,
     info: Arc<crate::workers::WorkerInfo>,
+    restart: CancellationToken,
 ) {
     loop {
         let lease = tokio::select! {
             _ = local.shutdown.cancelled() => return,
+            // Self-update: take no new task; the running one has finished.
+            _ = restart.cancelled() => return,
             l = client.worker_lease(&name, 25, Some(&info)) => l,
         };
         match lease {
@@ -801,6 +804,69 @@ async fn run_remote_task(
     }
     sent?;
     Ok(())
+}
+
+/// Self-update: while the hub's version differs from this binary's,
+/// downloads the hub's binary next to `exe` (`<exe>.kiln-update`),
+/// checks its sha256 against what the hub names, and fires `restart`
+/// so the slots finish their tasks and the worker execs the new binary.
+/// Checks at start, then every `every`. Returns the staged file.
+pub async fn watch_for_update(
+    client: crate::client::Client,
+    exe: PathBuf,
+    every: Duration,
+    restart: CancellationToken,
+) -> Option<PathBuf> {
+    let mine = crate::workers::self_version();
+    loop {
+        match client.worker_whoami().await {
+            Ok(who) if who.hub_version != mine => match stage_update(&client, &exe).await {
+                Ok(staged) => {
+                    tracing::info!(from = %mine, to = %who.hub_version, "self-update staged; restarting when idle");
+                    restart.cancel();
+                    return Some(staged);
+                }
+                Err(e) => tracing::warn!(error = %e, "self-update failed; will retry"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "version check failed"),
+        }
+        tokio::select! {
+            _ = restart.cancelled() => return None,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn stage_update(client: &crate::client::Client, exe: &Path) -> Result<PathBuf, RemoteError> {
+    use futures_util::StreamExt;
+    use sha2::Digest as _;
+    use std::io::Write;
+    let resp = client.worker_binary().await?;
+    let want: crate::cas::Digest = resp
+        .headers()
+        .get(crate::remote::BINARY_DIGEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other("the hub sent no binary digest"))?;
+    let staged = exe.with_extension("kiln-update");
+    let mut f = std::fs::File::create(&staged)?;
+    let mut h = sha2::Sha256::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| std::io::Error::other(format!("downloading the binary: {e}")))?;
+        h.update(&chunk);
+        f.write_all(&chunk)?;
+    }
+    f.sync_all()?;
+    if crate::cas::Digest(h.finalize().into()) != want {
+        let _ = std::fs::remove_file(&staged);
+        return Err(RemoteError::Corrupt(want));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755))?;
+    Ok(staged)
 }
 
 /// Copies task `task`'s local log to the hub as it grows (one streaming

@@ -192,16 +192,22 @@ impl WorkerInfo {
 }
 
 /// kiln's version as workers compare it: the crate version and the first
-/// 12 hex digits of this binary's sha256, so two builds of one version
+/// 12 hex digits of the binary's sha256, so two builds of one version
 /// differ (self-update replaces a worker's binary when they differ).
+pub fn version_of(exe: &Path) -> String {
+    let digest = file_digest(exe)
+        .map(|d| d.to_hex()[..12].to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{}+{digest}", env!("CARGO_PKG_VERSION"))
+}
+
+/// [`version_of`] the running binary.
 pub fn self_version() -> String {
     static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     V.get_or_init(|| {
-        let digest = std::env::current_exe()
-            .and_then(|p| file_digest(&p))
-            .map(|d| d.to_hex()[..12].to_string())
-            .unwrap_or_else(|_| "unknown".into());
-        format!("{}+{digest}", env!("CARGO_PKG_VERSION"))
+        std::env::current_exe()
+            .map(|p| version_of(&p))
+            .unwrap_or_else(|_| "unknown".into())
     })
     .clone()
 }

@@ -316,3 +316,69 @@ async fn a_remote_tasks_log_streams_live_to_the_hub() {
     worker.wait().unwrap();
     h.stop().await;
 }
+
+/// `kiln worker --self-update` running another build of kiln fetches the
+/// hub's binary (digest-checked), restarts into it when idle, and goes on
+/// building.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_updating_worker_restarts_into_the_hubs_binary() {
+    let mut h = hub(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    // An "older" kiln: the same program with other bytes, so its digest
+    // (and version) differs from the hub's.
+    let old = dir.path().join("kiln-old");
+    let mut bytes = std::fs::read(crate::kiln_exe()).unwrap();
+    bytes.extend_from_slice(b"\0an older kiln\0");
+    std::fs::write(&old, &bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hub_version = kiln::workers::version_of(&crate::kiln_exe());
+    assert_ne!(kiln::workers::version_of(&old), hub_version);
+    let log = dir.path().join("w.log");
+    let mut worker = std::process::Command::new(&old)
+        .args(["worker", "--self-update", "--slots", "1", "--name", "w-upd"])
+        .args(["--hub", &h.url(), "--token", &h.token, "--data"])
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reported = h
+            .client
+            .worker("w-upd")
+            .await
+            .ok()
+            .and_then(|w| w.info)
+            .map(|i| i.version);
+        if reported.as_deref() == Some(hub_version.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never updated: {reported:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The file on disk is now the hub's binary, and the same process (it
+    // exec'd) builds.
+    assert_eq!(
+        kiln::workers::file_digest(&old).unwrap(),
+        kiln::workers::file_digest(&crate::kiln_exe()).unwrap()
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("restarting into")
+    );
+    let src = script_tree("after-update", "echo fresh", &[]);
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+    let v = h.client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
+    assert_eq!(v.detail.build.state, BuildState::Succeeded);
+    assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w-upd"));
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    h.stop().await;
+}
