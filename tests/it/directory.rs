@@ -305,16 +305,7 @@ async fn drain_disable_and_enable_a_worker() {
 async fn priority_moves_a_build_to_the_front() {
     let mut h = hub(0).await;
     let src = script_tree("prio", "true", &[]);
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(
-            h.client
-                .submit_dir(src.path(), None, None)
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = submit_n(&h, src.path(), 3).await;
     let other = h
         .client
         .submit_dir(src.path(), Some("other"), None)

@@ -271,3 +271,32 @@ pub fn git_commit_all(dir: &Path, tag: &str) -> String {
     git(dir, &["tag", tag]);
     git(dir, &["rev-parse", "HEAD"])
 }
+
+/// Submits the tree in `dir` `n` times to the default project; the build ids.
+pub async fn submit_n(h: &TestHub, dir: &Path, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(h.client.submit_dir(dir, None, None).await.unwrap().id);
+    }
+    ids
+}
+
+/// Reads a followed log until `needle` appears (60 s per chunk at most);
+/// returns what was read.
+pub async fn read_until<S, E>(s: &mut S, needle: &str) -> String
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    use futures_util::StreamExt;
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let c = tokio::time::timeout(Duration::from_secs(60), s.next())
+            .await
+            .expect("log chunk in time")
+            .expect("stream open")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&c));
+    }
+    seen
+}

@@ -179,15 +179,7 @@ async fn the_log_streams_live_while_the_build_runs() {
     );
     let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
     let mut s = Box::pin(h.client.log(b.id, true).await.unwrap());
-    let mut seen = String::new();
-    while !seen.contains("first-line") {
-        let c = tokio::time::timeout(Duration::from_secs(60), s.next())
-            .await
-            .expect("log chunk in time")
-            .expect("stream open")
-            .unwrap();
-        seen.push_str(&String::from_utf8_lossy(&c));
-    }
+    let mut seen = read_until(&mut s, "first-line").await;
     // The build is still running when its first line arrives.
     let v = h.client.build(b.id).await.unwrap();
     assert_eq!(v.detail.build.state, BuildState::Running, "{seen}");

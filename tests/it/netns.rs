@@ -181,16 +181,7 @@ async fn two_workers_in_their_own_network_namespaces() {
 
     // Builds spread over both workers and succeed.
     let src = script_tree("spread", "sleep 1; echo ok > $KILN_OUT/ok.txt", &["*.txt"]);
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(
-            h.client
-                .submit_dir(src.path(), None, None)
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = submit_n(&h, src.path(), 4).await;
     let mut used = std::collections::BTreeSet::new();
     for id in &ids {
         let v = h.client.wait(*id, BUILD_TIMEOUT).await.unwrap();

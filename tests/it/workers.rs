@@ -186,16 +186,7 @@ async fn a_kiln_worker_process_runs_the_hubs_builds() {
         "echo \"built on $(hostname)\" > $KILN_OUT/where.txt; echo remote-output-line",
         &["*.txt"],
     );
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        ids.push(
-            h.client
-                .submit_dir(src.path(), None, None)
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = submit_n(&h, src.path(), 2).await;
     for id in ids {
         let v = h.client.wait(id, BUILD_TIMEOUT).await.unwrap();
         let log = h.client.log_text(id).await.unwrap_or_default();
@@ -293,15 +284,7 @@ async fn a_remote_tasks_log_streams_live_to_the_hub() {
     );
     let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
     let mut s = Box::pin(h.client.log(b.id, true).await.unwrap());
-    let mut seen = String::new();
-    while !seen.contains("first-line") {
-        let c = tokio::time::timeout(Duration::from_secs(60), s.next())
-            .await
-            .expect("log chunk in time")
-            .expect("stream open")
-            .unwrap();
-        seen.push_str(&String::from_utf8_lossy(&c));
-    }
+    let mut seen = read_until(&mut s, "first-line").await;
     let v = h.client.build(b.id).await.unwrap();
     assert_eq!(v.detail.build.state, BuildState::Running, "{seen}");
     assert!(!seen.contains("last-line"), "{seen}");
