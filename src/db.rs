@@ -14,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::cas::Digest;
+use crate::lock;
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, HOST_TARGET,
     Lease, Outcome, Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task,
@@ -215,6 +216,9 @@ impl TaskEnd {
 
 pub struct Db {
     db: Database,
+    /// Ends waiting for the next group commit, and who commits them.
+    ends: std::sync::Mutex<Vec<PendingEnd>>,
+    end_leader: std::sync::Mutex<()>,
 }
 
 impl Db {
@@ -264,7 +268,11 @@ impl Db {
             }
         }
         tx.commit()?;
-        Ok(Db { db })
+        Ok(Db {
+            db,
+            ends: Default::default(),
+            end_leader: Default::default(),
+        })
     }
 
     pub fn schema_version(&self) -> Result<u64> {
@@ -580,6 +588,11 @@ impl Db {
     /// Records a task's end, its artifacts and its build's new state in one
     /// transaction; refuses a stale fence. An infrastructure outcome re-queues
     /// the task while attempts remain.
+    ///
+    /// Group commit: ends that arrive while another batch is being synced
+    /// wait, and the next caller records them all in one transaction with
+    /// one sync. Each end's changes still commit together, and each caller
+    /// returns only once its end is durable.
     pub fn finish_task(
         &self,
         task: TaskId,
@@ -587,56 +600,68 @@ impl Db {
         end: TaskEnd,
         max_attempts: u32,
     ) -> Result<Build> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        lock(&self.ends).push(PendingEnd {
+            task,
+            fence,
+            end,
+            max_attempts,
+            reply,
+        });
+        let leader = lock(&self.end_leader);
+        // A previous leader may have recorded this end already.
+        if let Ok(r) = answer.try_recv() {
+            return r;
+        }
+        let batch = std::mem::take(&mut *lock(&self.ends));
+        self.record_ends(batch);
+        drop(leader);
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(DbError::Redb("the end was dropped unrecorded".into())))
+    }
+
+    /// Records a batch of ends in one transaction. An end refused before it
+    /// writes anything (stale fence, unknown task) is answered and skipped;
+    /// any other failure abandons the batch and records each end alone.
+    fn record_ends(&self, batch: Vec<PendingEnd>) {
+        if batch.is_empty() {
+            return;
+        }
         let now = now_ms();
-        let tx = self.db.begin_write()?;
-        let build = {
-            let mut tasks = tx.open_table(TASKS)?;
-            let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
-            check_fence(&t, fence)?;
-            if let Some(l) = t.lease.take() {
-                let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
-                    .ok_or(DbError::BuildNotFound(t.build))?;
-                record_worker_end(&tx, &l.worker, &t, &b, &end.outcome, now)?;
-            }
-            tx.open_table(RUNNING)?.remove(task)?;
-            if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
-                t.attempt += 1;
-                t.state = BuildState::Queued;
-                t.outcome = Some(end.outcome);
-                t.log = end.log;
-                let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
-                    .ok_or(DbError::BuildNotFound(t.build))?;
-                enqueue(&tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
-                tasks.insert(task, enc(&t).as_slice())?;
-                b
-            } else {
-                t.state = match end.outcome {
-                    Outcome::Succeeded => BuildState::Succeeded,
-                    Outcome::Cancelled => BuildState::Cancelled,
-                    _ => BuildState::Failed,
-                };
-                t.outcome = Some(end.outcome);
-                t.log = end.log;
-                t.outputs = end.outputs;
-                t.finished = Some(now);
-                tasks.insert(task, enc(&t).as_slice())?;
-                let mut arts = tx.open_table(ARTIFACTS)?;
-                for a in &end.artifacts {
-                    arts.insert((a.build, a.path.as_str()), enc(a).as_slice())?;
+        let together = (|| -> Result<Vec<Result<Build>>> {
+            let tx = self.db.begin_write()?;
+            let mut results = Vec::with_capacity(batch.len());
+            for e in &batch {
+                match finish_in(&tx, e.task, e.fence, e.end.clone(), e.max_attempts, now) {
+                    Ok(b) => results.push(Ok(b)),
+                    Err(err @ (DbError::StaleLease { .. } | DbError::TaskNotFound(_))) => {
+                        results.push(Err(err))
+                    }
+                    Err(other) => return Err(other),
                 }
-                // The repo's membership changes with the task's end, in this
-                // transaction; the publisher derives the served files later.
-                if let (BuildState::Succeeded, Some((project, repo, debs))) =
-                    (t.state, &end.publish)
-                {
-                    add_repo_debs(&tx, project, repo, debs)?;
-                }
-                drop(tasks);
-                settle_build(&tx, t.build, now)?
             }
-        };
-        tx.commit()?;
-        Ok(build)
+            tx.commit()?;
+            Ok(results)
+        })();
+        match together {
+            Ok(results) => {
+                for (e, r) in batch.into_iter().zip(results) {
+                    let _ = e.reply.send(r);
+                }
+            }
+            Err(_) => {
+                for e in batch {
+                    let r = (|| {
+                        let tx = self.db.begin_write()?;
+                        let b = finish_in(&tx, e.task, e.fence, e.end, e.max_attempts, now)?;
+                        tx.commit()?;
+                        Ok(b)
+                    })();
+                    let _ = e.reply.send(r);
+                }
+            }
+        }
     }
 
     /// Cancels a queued or running task (a running one's worker finds its
@@ -1401,6 +1426,71 @@ fn record_worker_end(
     Ok(())
 }
 
+/// One task's end inside the caller's transaction (see `Db::finish_task`).
+/// Refusals (unknown task, stale fence) come before anything is written.
+fn finish_in(
+    tx: &redb::WriteTransaction,
+    task: TaskId,
+    fence: u64,
+    end: TaskEnd,
+    max_attempts: u32,
+    now: i64,
+) -> Result<Build> {
+    Ok({
+        let mut tasks = tx.open_table(TASKS)?;
+        let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
+        check_fence(&t, fence)?;
+        if let Some(l) = t.lease.take() {
+            let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
+                .ok_or(DbError::BuildNotFound(t.build))?;
+            record_worker_end(&tx, &l.worker, &t, &b, &end.outcome, now)?;
+        }
+        tx.open_table(RUNNING)?.remove(task)?;
+        if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
+            t.attempt += 1;
+            t.state = BuildState::Queued;
+            t.outcome = Some(end.outcome);
+            t.log = end.log;
+            let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
+                .ok_or(DbError::BuildNotFound(t.build))?;
+            enqueue(&tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
+            tasks.insert(task, enc(&t).as_slice())?;
+            b
+        } else {
+            t.state = match end.outcome {
+                Outcome::Succeeded => BuildState::Succeeded,
+                Outcome::Cancelled => BuildState::Cancelled,
+                _ => BuildState::Failed,
+            };
+            t.outcome = Some(end.outcome);
+            t.log = end.log;
+            t.outputs = end.outputs;
+            t.finished = Some(now);
+            tasks.insert(task, enc(&t).as_slice())?;
+            let mut arts = tx.open_table(ARTIFACTS)?;
+            for a in &end.artifacts {
+                arts.insert((a.build, a.path.as_str()), enc(a).as_slice())?;
+            }
+            // The repo's membership changes with the task's end, in this
+            // transaction; the publisher derives the served files later.
+            if let (BuildState::Succeeded, Some((project, repo, debs))) = (t.state, &end.publish) {
+                add_repo_debs(&tx, project, repo, debs)?;
+            }
+            drop(tasks);
+            settle_build(&tx, t.build, now)?
+        }
+    })
+}
+
+/// An end waiting for its group commit.
+struct PendingEnd {
+    task: TaskId,
+    fence: u64,
+    end: TaskEnd,
+    max_attempts: u32,
+    reply: std::sync::mpsc::Sender<Result<Build>>,
+}
+
 fn check_fence(t: &Task, fence: u64) -> Result<()> {
     let current = t.lease.as_ref().map(|l| l.fence);
     if current != Some(fence) {
@@ -1531,6 +1621,52 @@ mod tests {
         }
         let err = Db::open(&path).err().expect("must refuse");
         assert!(matches!(err, DbError::TooNew { .. }), "{err}");
+    }
+
+    /// Ends from many threads at once are recorded in shared commits; a
+    /// stale one among them is refused without holding the others back.
+    #[test]
+    fn concurrent_ends_commit_together_and_alone_fail_alone() {
+        let (_d, db) = db();
+        let db = std::sync::Arc::new(db);
+        let leases: Vec<Leased> = (0..40)
+            .map(|_| {
+                submit(&db);
+                db.lease_next("w", 60_000).unwrap().unwrap()
+            })
+            .collect();
+        let threads: Vec<_> = leases
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (db, task) = (db.clone(), l.task.id);
+                // Every fifth end carries a wrong fence.
+                let fence = if i % 5 == 0 { l.fence + 1000 } else { l.fence };
+                std::thread::spawn(move || {
+                    let end = TaskEnd {
+                        outcome: Outcome::Succeeded,
+                        ..TaskEnd::infrastructure(String::new())
+                    };
+                    db.finish_task(task, fence, end, 3)
+                })
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let r = t.join().unwrap();
+            if i % 5 == 0 {
+                assert!(matches!(r, Err(DbError::StaleLease { .. })), "{r:?}");
+            } else {
+                assert_eq!(r.unwrap().state, BuildState::Succeeded);
+            }
+        }
+        for (i, l) in leases.iter().enumerate() {
+            let want = if i % 5 == 0 {
+                BuildState::Running
+            } else {
+                BuildState::Succeeded
+            };
+            assert_eq!(db.build(l.build.id).unwrap().state, want);
+        }
     }
 
     /// Leases are committed without a sync; whether or not the last one

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cas::{Cas, CasError};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::lock;
 use crate::logs::LiveLogs;
 use crate::model::{Token, now_ms};
 use crate::workers::{AdminState, LOCAL_WORKER, WorkerInfo, WorkerRecord, WorkerState, WorkerView};
@@ -102,11 +103,6 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-/// Locks a mutex whose data stays valid if a holder panicked.
-pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// sha256 of a token's secret: what the database stores.

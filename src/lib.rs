@@ -37,6 +37,11 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::hub::{Hub, HubError};
 
+/// Locks a mutex whose data stays valid if a holder panicked.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A hub serving HTTP (and HTTPS when configured) and running its local slots.
 pub struct Running {
     pub addr: SocketAddr,

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::cas::Digest;
 use crate::config::TaskLimits;
 use crate::db::TaskEnd;
-use crate::hub::{Hub, lock};
+use crate::hub::Hub;
+use crate::lock;
 use crate::model::{Artifact, Build, Outcome, Task};
 use crate::server::{
     ApiError, ApiResult, Caller, Reader, WorkerCaller, parse_task_id, require_admin,

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cas::Cas;
 use crate::db::{DbError, Leased, TaskEnd};
-use crate::hub::{Hub, lock};
+use crate::hub::Hub;
 use crate::kinds::Recipe;
+use crate::lock;
 use crate::logs::LogWriter;
 use crate::model::{Artifact, Build, HOST_TARGET, Outcome, RepoDeb};
 use crate::sandbox::{self, IdMap, RootSpec, Spec};
