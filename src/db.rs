@@ -1443,7 +1443,7 @@ fn finish_in(
         if let Some(l) = t.lease.take() {
             let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
                 .ok_or(DbError::BuildNotFound(t.build))?;
-            record_worker_end(&tx, &l.worker, &t, &b, &end.outcome, now)?;
+            record_worker_end(tx, &l.worker, &t, &b, &end.outcome, now)?;
         }
         tx.open_table(RUNNING)?.remove(task)?;
         if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
@@ -1453,7 +1453,7 @@ fn finish_in(
             t.log = end.log;
             let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
                 .ok_or(DbError::BuildNotFound(t.build))?;
-            enqueue(&tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
+            enqueue(tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
             tasks.insert(task, enc(&t).as_slice())?;
             b
         } else {
@@ -1474,10 +1474,10 @@ fn finish_in(
             // The repo's membership changes with the task's end, in this
             // transaction; the publisher derives the served files later.
             if let (BuildState::Succeeded, Some((project, repo, debs))) = (t.state, &end.publish) {
-                add_repo_debs(&tx, project, repo, debs)?;
+                add_repo_debs(tx, project, repo, debs)?;
             }
             drop(tasks);
-            settle_build(&tx, t.build, now)?
+            settle_build(tx, t.build, now)?
         }
     })
 }

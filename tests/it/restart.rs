@@ -97,7 +97,13 @@ async fn kill_9_mid_build_then_restart_finishes_the_build() {
     let client = Client::new(&url2, Some(token(&data)));
     let v = client.wait(b.id, BUILD_TIMEOUT).await.unwrap();
     assert_eq!(v.detail.build.state, BuildState::Succeeded);
-    assert_eq!(v.detail.task_list[0].attempt, 2);
+    // Leases are committed without a sync: the interrupted attempt is
+    // counted only if a later synced commit carried it to disk.
+    assert!(
+        matches!(v.detail.task_list[0].attempt, 1 | 2),
+        "{:?}",
+        v.detail.task_list[0]
+    );
     let arts = client.artifacts(b.id).await.unwrap();
     assert_eq!(arts[0].path, "result.txt");
     let body = client
