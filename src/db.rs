@@ -68,6 +68,12 @@ const WORKER_SPEEDS: TableDefinition<(&str, &str), (u64, u64)> =
     TableDefinition::new("worker_speeds");
 /// What a target's tasks need of a worker beyond its arch: `Needs`.
 const TARGET_NEEDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("target_needs");
+/// Tasks re-queued after an infrastructure failure on a remote worker:
+/// task → (that worker, until when it should not get the task back).
+const TASK_AVOID: TableDefinition<u64, &[u8]> = TableDefinition::new("task_avoid");
+/// How long a remote worker that lost a task to infrastructure is passed
+/// over for it ("retried elsewhere if possible").
+const AVOID_MS: i64 = 60_000;
 /// Builds an admin gave a priority other than 0.
 const BUILD_PRIORITY: TableDefinition<u64, i64> = TableDefinition::new("build_priority");
 
@@ -516,9 +522,10 @@ impl Db {
         let now = now_ms();
         let tx = begin_volatile(&self.db)?;
         let leased = {
-            let Some((project, rank, tid)) = fair_head(&tx, runs)? else {
+            let Some((project, rank, tid)) = fair_head(&tx, worker, now, runs)? else {
                 return Ok(None);
             };
+            tx.open_table(TASK_AVOID)?.remove(tid)?;
             tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
             tx.open_table(QUEUE_LANES)?
                 .remove((project.as_str(), rank))?;
@@ -1292,6 +1299,8 @@ fn lane_heads(
 /// served longest ago (never first), then the task queued first.
 fn fair_head(
     tx: &redb::WriteTransaction,
+    worker: &str,
+    now: i64,
     runs: Option<&dyn Fn(&Needs) -> bool>,
 ) -> Result<Option<(String, u64, u64)>> {
     let mut running: std::collections::HashMap<String, usize> = Default::default();
@@ -1301,9 +1310,12 @@ fn fair_head(
     }
     let lanes = tx.open_table(QUEUE_LANES)?;
     let mut heads = lane_heads(&lanes)?;
-    if let Some(runs) = runs {
-        // Each lane's first task this worker can run; a lane holds few
-        // targets, so needs are resolved once per (project, target).
+    let avoid = tx.open_table(TASK_AVOID)?;
+    let avoiding = !avoid.is_empty()?;
+    if runs.is_some() || avoiding {
+        // Each lane's first task this worker can run (and did not just
+        // lose); a lane holds few targets, so needs are resolved once per
+        // (project, target).
         let tasks = tx.open_table(TASKS)?;
         let (targets, extra) = (tx.open_table(TARGETS)?, tx.open_table(TARGET_NEEDS)?);
         let mut verdicts: std::collections::HashMap<String, bool> = Default::default();
@@ -1311,6 +1323,17 @@ fn fair_head(
         for (p, _, _) in heads {
             for row in lanes.range((p.as_str(), 0)..=(p.as_str(), u64::MAX))? {
                 let (k, v) = row?;
+                if avoiding
+                    && let Some((w, until)) = get_rec::<_, (String, i64)>(&avoid, v.value())?
+                    && w == worker
+                    && now < until
+                {
+                    continue;
+                }
+                let Some(runs) = runs else {
+                    eligible.push((p.clone(), k.value().1, v.value()));
+                    break;
+                };
                 let t: Task =
                     get_rec(&tasks, v.value())?.ok_or(DbError::TaskNotFound(v.value()))?;
                 let ok = match verdicts.get(&t.target) {
@@ -1440,10 +1463,11 @@ fn finish_in(
         let mut tasks = tx.open_table(TASKS)?;
         let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
         check_fence(&t, fence)?;
-        if let Some(l) = t.lease.take() {
+        let lost_on = t.lease.take().map(|l| l.worker);
+        if let Some(w) = &lost_on {
             let b: Build = get_rec(&tx.open_table(BUILDS)?, t.build)?
                 .ok_or(DbError::BuildNotFound(t.build))?;
-            record_worker_end(tx, &l.worker, &t, &b, &end.outcome, now)?;
+            record_worker_end(tx, w, &t, &b, &end.outcome, now)?;
         }
         tx.open_table(RUNNING)?.remove(task)?;
         if matches!(end.outcome, Outcome::Infrastructure(_)) && t.attempt < max_attempts {
@@ -1455,6 +1479,12 @@ fn finish_in(
                 .ok_or(DbError::BuildNotFound(t.build))?;
             enqueue(tx, &mut tx.open_table(META)?, &b.project, b.id, task)?;
             tasks.insert(task, enc(&t).as_slice())?;
+            // Another worker should get it first; the hub's own slots
+            // are one machine with nowhere else to go.
+            if let Some(w) = lost_on.filter(|w| w != crate::workers::LOCAL_WORKER) {
+                tx.open_table(TASK_AVOID)?
+                    .insert(task, enc(&(w, now + AVOID_MS)).as_slice())?;
+            }
             b
         } else {
             t.state = match end.outcome {

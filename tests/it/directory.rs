@@ -338,3 +338,54 @@ async fn priority_moves_a_build_to_the_front() {
     );
     h.stop().await;
 }
+
+/// A task lost to infrastructure (here: its worker stopped heartbeating)
+/// is retried elsewhere: the worker that lost it is passed over while
+/// another can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_task_is_retried_on_another_worker() {
+    let mut h = hub_with(0, |c| c.build.lease_secs = 2).await;
+    let src = script_tree("lost", "true", &[]);
+    let b = h.client.submit_dir(src.path(), None, None).await.unwrap();
+    let first = h
+        .client
+        .worker_lease("w1", 2, None)
+        .await
+        .unwrap()
+        .expect("the task");
+    // No heartbeat: the reaper ends the lease and re-queues the task.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = h.client.build(b.id).await.unwrap();
+        let t = &v.detail.task_list[0];
+        if t.state == BuildState::Queued && t.attempt == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never re-queued: {t:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        h.client
+            .worker_lease("w1", 1, None)
+            .await
+            .unwrap()
+            .is_none(),
+        "the worker that lost it should not get it straight back"
+    );
+    let again = h
+        .client
+        .worker_lease("w2", 2, None)
+        .await
+        .unwrap()
+        .expect("another worker gets it");
+    assert_eq!((again.task.id, again.task.attempt), (first.task.id, 2));
+    assert_eq!(h.client.worker("w1").await.unwrap().stats.infra, 1);
+    h.client
+        .worker_end(again.task.id, &end(again.fence, Outcome::Succeeded))
+        .await
+        .unwrap();
+    h.stop().await;
+}
