@@ -316,11 +316,12 @@ impl Hub {
             .workers()?
             .into_iter()
             .map(|mut rec| {
+                // Contacts since the last write (and a lease request waiting
+                // now) count as seen, and as online time, as they would be
+                // at the next write.
                 if let Some(p) = presence.get(&rec.name) {
-                    rec.last_seen = rec.last_seen.max(p.rec.last_seen);
-                    if p.waiting > 0 {
-                        rec.last_seen = now;
-                    }
+                    let seen = if p.waiting > 0 { now } else { p.rec.last_seen };
+                    rec.seen(seen, self.worker_gap_ms());
                 }
                 let n = running.get(&rec.name).copied().unwrap_or(0);
                 WorkerView::of(rec, n, &speeds, now, self.worker_gap_ms())

@@ -113,9 +113,10 @@ pub async fn start(config: Config, kiln_exe: PathBuf) -> Result<Running, HubErro
         let hub = hub.clone();
         async move { repos::publish_due(&hub).await }
     });
-    tokio::spawn(scheduler::reap_expired_leases(hub.clone()));
-    let slots = (0..slots as u32)
-        .map(|i| tokio::spawn(worker::run_slot(hub.clone(), i)))
+    // The reaper ends with the hub; `shutdown` waits for it like a slot, so
+    // nothing holds the database once it returns.
+    let slots = std::iter::once(tokio::spawn(scheduler::reap_expired_leases(hub.clone())))
+        .chain((0..slots as u32).map(|i| tokio::spawn(worker::run_slot(hub.clone(), i))))
         .collect();
     tracing::info!(%addr, "kiln hub listening");
     Ok(Running {
