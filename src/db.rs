@@ -1756,7 +1756,14 @@ mod tests {
         let (_d, db) = db();
         let b = submit(&db);
         for attempt in 1..=2 {
-            let l = db.lease_next("w", 1000).unwrap().unwrap();
+            if attempt > 1 {
+                // The worker that lost it is passed over for a while.
+                assert!(db.lease_next("w1", 1000).unwrap().is_none());
+            }
+            let l = db
+                .lease_next(&format!("w{attempt}"), 1000)
+                .unwrap()
+                .unwrap();
             assert_eq!(l.task.attempt, attempt);
             let end = TaskEnd {
                 outcome: Outcome::Infrastructure("disk gone".into()),
