@@ -155,8 +155,10 @@ fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
 /// crash may lose because the next start rebuilds it (leases, heartbeats,
 /// last-seen times; running tasks are re-queued at start and fences jump
 /// past anything handed out before). The next durable commit persists it.
-fn begin_volatile(db: &Database) -> Result<redb::WriteTransaction> {
-    let mut tx = db.begin_write()?;
+fn begin_volatile(db: &Db) -> Result<redb::WriteTransaction> {
+    db.volatile
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut tx = db.db.begin_write()?;
     tx.set_durability(redb::Durability::None)
         .map_err(|e| DbError::Redb(e.to_string()))?;
     Ok(tx)
@@ -225,6 +227,8 @@ pub struct Db {
     /// Ends waiting for the next group commit, and who commits them.
     ends: std::sync::Mutex<Vec<PendingEnd>>,
     end_leader: std::sync::Mutex<()>,
+    /// Set by commits made without a sync since the last `sync`.
+    volatile: std::sync::atomic::AtomicBool,
 }
 
 impl Db {
@@ -278,7 +282,21 @@ impl Db {
             db,
             ends: Default::default(),
             end_leader: Default::default(),
+            volatile: Default::default(),
         })
+    }
+
+    /// Makes commits done without a sync durable (an empty synced commit),
+    /// if there were any: bounds what a crash can lose of them and lets
+    /// redb reuse the pages they freed.
+    pub fn sync(&self) -> Result<()> {
+        if self
+            .volatile
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.db.begin_write()?.commit()?;
+        }
+        Ok(())
     }
 
     pub fn schema_version(&self) -> Result<u64> {
@@ -520,7 +538,7 @@ impl Db {
             return Ok(None);
         }
         let now = now_ms();
-        let tx = begin_volatile(&self.db)?;
+        let tx = begin_volatile(self)?;
         let leased = {
             let Some((project, rank, tid)) = fair_head(&tx, worker, now, runs)? else {
                 return Ok(None);
@@ -578,7 +596,7 @@ impl Db {
     /// Extends a lease. Fails with `StaleLease` when the task was given to
     /// someone else (or ended) meanwhile: the worker must stop.
     pub fn heartbeat(&self, task: TaskId, fence: u64, lease_ms: i64) -> Result<()> {
-        let tx = begin_volatile(&self.db)?;
+        let tx = begin_volatile(self)?;
         {
             let mut tasks = tx.open_table(TASKS)?;
             let mut t: Task = get_rec(&tasks, task)?.ok_or(DbError::TaskNotFound(task))?;
@@ -750,7 +768,7 @@ impl Db {
         now: i64,
         gap_ms: i64,
     ) -> Result<WorkerRecord> {
-        let tx = begin_volatile(&self.db)?;
+        let tx = begin_volatile(self)?;
         let rec = {
             let mut t = tx.open_table(WORKERS)?;
             let mut rec: WorkerRecord =

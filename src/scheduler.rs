@@ -126,7 +126,8 @@ pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, HubError> {
 /// Ends every task whose worker stopped heartbeating (a remote worker that
 /// died or lost its link) as an infrastructure failure: it is re-queued
 /// while attempts remain, and the worker's late end is refused by the
-/// fence. Runs until the hub shuts down.
+/// fence. Each round also syncs what leases and heartbeats committed
+/// without a sync. Runs until the hub shuts down.
 pub async fn reap_expired_leases(hub: Arc<Hub>) {
     let every = std::time::Duration::from_millis((hub.config.build.lease_secs * 250).max(100));
     loop {
@@ -136,6 +137,7 @@ pub async fn reap_expired_leases(hub: Arc<Hub>) {
         }
         let h = hub.clone();
         let reaped = tokio::task::spawn_blocking(move || -> Result<usize, DbError> {
+            h.db.sync()?;
             let expired = h.db.expired_leases(crate::model::now_ms())?;
             let max = h.config.build.max_attempts;
             for (task, fence, worker) in &expired {
