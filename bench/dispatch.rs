@@ -26,7 +26,7 @@
 //!    `KILN_BENCH_TASKS` are queued.
 //! 3. Dispatch: `KILN_BENCH_WORKERS` simulated workers (tokio tasks sharing
 //!    one `reqwest::Client`) speak the real protocol as a light worker does:
-//!    `POST /api/v1/worker/lease` `{"worker", "wait_secs": 5}`, on 200 at once
+//!    `POST /api/v1/worker/lease` `{"worker", "wait_secs": 1}`, on 200 at once
 //!    `POST …/tasks/ID/end` (succeeded, no log, no outputs), on 204 ask again.
 //!    Each granted lease's latency runs from sending the request to having
 //!    parsed the `WorkerLease`. The phase ends when every queued task has
@@ -359,10 +359,10 @@ async fn sim_worker(
     let mut st = WorkerStats::default();
     while !cancel.is_cancelled() {
         let t = Instant::now();
-        let asked = tokio::select! {
-            r = proto.lease(&name, 5) => r,
-            _ = cancel.cancelled() => break,
-        };
+        // Never dropped mid-flight: a lease the hub granted to a request
+        // nobody reads would sit until it expires. Short polls notice the
+        // end of a phase within a second instead.
+        let asked = proto.lease(&name, 1).await;
         match asked {
             Ok(Asked::Empty) => st.empty += 1,
             Ok(Asked::Lease(l)) => {
@@ -699,7 +699,7 @@ async fn run(
             farm_lat.last().copied().unwrap_or(f64::NAN),
         );
     }
-    println!("workers: {workers} simulated (long poll 5 s), {tasks} tasks dispatched");
+    println!("workers: {workers} simulated (long poll 1 s), {tasks} tasks dispatched");
     println!(
         "lease grant latency: median {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} leases, {} empty answers)",
         pct(&lat, 50.0),

@@ -383,6 +383,8 @@ pub struct Qos {
     pub rating: f64,
 }
 
+const UPTIME_GRACE_MS: f64 = 60_000.0;
+
 /// Mean durations of succeeded tasks: (package key, worker) → (count, total ms).
 pub type Speeds = HashMap<(String, String), (u64, u64)>;
 
@@ -397,10 +399,12 @@ impl Qos {
             0.0
         };
         let lifetime = (now - rec.first_seen).max(1) as f64;
+        // The first minute counts as up, so a worker that just joined is
+        // not rated below old ones for having no history yet.
         let uptime = if rec.name == LOCAL_WORKER {
             1.0
         } else {
-            (s.online_ms as f64 / lifetime).clamp(0.0, 1.0)
+            ((s.online_ms as f64 + UPTIME_GRACE_MS) / (lifetime + UPTIME_GRACE_MS)).clamp(0.0, 1.0)
         };
         let speed_factor = speed_factor(&rec.name, speeds);
         let speed_term = speed_factor.map_or(1.0, |f| (1.0 / f).min(1.0));
