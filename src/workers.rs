@@ -379,11 +379,17 @@ pub struct Qos {
     pub uptime: f64,
     /// Online time per infrastructure failure (None without failures).
     pub mtbf_secs: Option<f64>,
-    /// 0–100: 100 × (1 − infra share) × min(1, 1 / speed) × (½ + ½ uptime).
+    /// 0–100: 100 × (1 − infra share) × min(1, 1.25 / speed) × (½ + ½ uptime).
     pub rating: f64,
 }
 
 const UPTIME_GRACE_MS: f64 = 60_000.0;
+/// Up to this much slower than the others costs a worker no rating: build
+/// times vary by that much on one machine, and the preference should pick
+/// clearly faster workers, not lucky ones.
+const SPEED_TOLERANCE: f64 = 1.25;
+/// Builds of one package a worker needs before its mean counts.
+const MIN_SPEED_SAMPLES: u64 = 5;
 
 /// Mean durations of succeeded tasks: (package key, worker) → (count, total ms).
 pub type Speeds = HashMap<(String, String), (u64, u64)>;
@@ -407,7 +413,7 @@ impl Qos {
             ((s.online_ms as f64 + UPTIME_GRACE_MS) / (lifetime + UPTIME_GRACE_MS)).clamp(0.0, 1.0)
         };
         let speed_factor = speed_factor(&rec.name, speeds);
-        let speed_term = speed_factor.map_or(1.0, |f| (1.0 / f).min(1.0));
+        let speed_term = speed_factor.map_or(1.0, |f| (SPEED_TOLERANCE / f).min(1.0));
         let mtbf_secs = (s.infra > 0).then(|| s.online_ms as f64 / 1000.0 / s.infra as f64);
         let rating = 100.0 * (1.0 - infra_share) * speed_term * (0.5 + 0.5 * uptime);
         Qos {
@@ -424,7 +430,8 @@ impl Qos {
 fn speed_factor(worker: &str, speeds: &Speeds) -> Option<f64> {
     let mut per_pkg: HashMap<&str, (Option<f64>, Vec<f64>)> = HashMap::new();
     for ((pkg, w), (n, total)) in speeds {
-        if *n == 0 {
+        // A few builds say little: durations vary from run to run.
+        if *n < MIN_SPEED_SAMPLES {
             continue;
         }
         let mean = *total as f64 / *n as f64;
@@ -625,8 +632,10 @@ mod tests {
         flaky.stats.infra = 5;
         flaky.stats.online_ms = 500_000;
         let mut speeds = Speeds::new();
-        speeds.insert(("p/a/host".into(), "good".into()), (2, 2_000));
-        speeds.insert(("p/a/host".into(), "flaky".into()), (1, 3_000));
+        speeds.insert(("p/a/host".into(), "good".into()), (5, 5_000));
+        speeds.insert(("p/a/host".into(), "flaky".into()), (5, 15_000));
+        // Too few to count.
+        speeds.insert(("p/a/host".into(), "new".into()), (4, 400));
         let g = Qos::of(&good, &speeds, now);
         let f = Qos::of(&flaky, &speeds, now);
         assert_eq!(g.speed_factor, Some(0.33));
