@@ -107,7 +107,7 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
         .slots
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let exe = std::env::current_exe().context("locating the kiln binary")?;
-    let local = crate::hub::Hub::open(config, exe)?;
+    let local = crate::hub::Hub::open(config, exe.clone())?;
     let info = std::sync::Arc::new(crate::workers::WorkerInfo::probe(
         &o.data,
         slots as u32,
@@ -135,7 +135,6 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let exe = std::env::current_exe().context("locating the kiln binary")?;
     let updater = o.self_update.then(|| {
         tokio::spawn(crate::worker::watch_for_update(
             client.clone(),
@@ -154,7 +153,9 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
             for l in loops {
                 let _ = l.await;
             }
-            if let Some(Ok(Some(staged))) = match updater { Some(u) => Some(u.await), None => None } {
+            if let Some(u) = updater
+                && let Ok(Some(staged)) = u.await
+            {
                 std::fs::rename(&staged, &exe)
                     .with_context(|| format!("replacing {}", exe.display()))?;
                 eprintln!("kiln: worker {name} restarting into the hub's kiln {}", who.hub_version);

@@ -189,6 +189,19 @@ where
     }
 }
 
+/// Every record of a table, in key order.
+fn all_recs<K, T>(table: &impl ReadableTable<K, &'static [u8]>) -> Result<Vec<T>>
+where
+    K: redb::Key + 'static,
+    T: DeserializeOwned,
+{
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        out.push(dec(row?.1.value())?);
+    }
+    Ok(out)
+}
+
 /// What a worker gets when it leases a task.
 #[derive(Debug, Clone)]
 pub struct Leased {
@@ -784,18 +797,9 @@ impl Db {
         Ok(rec)
     }
 
-    pub fn worker(&self, name: &str) -> Result<Option<WorkerRecord>> {
-        let tx = self.db.begin_read()?;
-        get_rec(&tx.open_table(WORKERS)?, name)
-    }
-
     pub fn workers(&self) -> Result<Vec<WorkerRecord>> {
         let tx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for row in tx.open_table(WORKERS)?.iter()? {
-            out.push(dec(row?.1.value())?);
-        }
-        Ok(out)
+        all_recs(&tx.open_table(WORKERS)?)
     }
 
     /// How many tasks each worker runs now.
@@ -882,11 +886,8 @@ impl Db {
 
     pub fn worker_tokens(&self) -> Result<Vec<WorkerToken>> {
         let tx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for row in tx.open_table(WORKER_TOKENS)?.iter()? {
-            out.push(dec(row?.1.value())?);
-        }
-        out.sort_by_key(|t: &WorkerToken| t.created);
+        let mut out: Vec<WorkerToken> = all_recs(&tx.open_table(WORKER_TOKENS)?)?;
+        out.sort_by_key(|t| t.created);
         Ok(out)
     }
 
@@ -928,15 +929,6 @@ impl Db {
             &b.project,
             &t.target,
         )
-    }
-
-    /// A build's priority (0 unless an admin set one).
-    pub fn build_priority(&self, build: BuildId) -> Result<i64> {
-        let tx = self.db.begin_read()?;
-        Ok(tx
-            .open_table(BUILD_PRIORITY)?
-            .get(build)?
-            .map_or(0, |g| g.value()))
     }
 
     /// Sets a build's priority (-100..=100) and moves its queued tasks to
@@ -1013,11 +1005,7 @@ impl Db {
 
     pub fn buildroots(&self) -> Result<Vec<Buildroot>> {
         let tx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for row in tx.open_table(BUILDROOTS)?.iter()? {
-            out.push(dec(row?.1.value())?);
-        }
-        Ok(out)
+        all_recs(&tx.open_table(BUILDROOTS)?)
     }
 
     /// Removes a buildroot's record; refused while a target names it.
@@ -1126,11 +1114,7 @@ impl Db {
     /// Every repo of every project (small: a few per project).
     pub fn all_repos(&self) -> Result<Vec<Repo>> {
         let tx = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for row in tx.open_table(REPOS)?.iter()? {
-            out.push(dec(row?.1.value())?);
-        }
-        Ok(out)
+        all_recs(&tx.open_table(REPOS)?)
     }
 
     pub fn repo_debs(&self, project: &str, repo: &str) -> Result<Vec<RepoDeb>> {
@@ -1539,7 +1523,8 @@ struct PendingEnd {
     reply: std::sync::mpsc::Sender<Result<Build>>,
 }
 
-fn check_fence(t: &Task, fence: u64) -> Result<()> {
+/// Refuses `fence` unless it is the task's current lease's (StaleLease).
+pub fn check_fence(t: &Task, fence: u64) -> Result<()> {
     let current = t.lease.as_ref().map(|l| l.fence);
     if current != Some(fence) {
         return Err(DbError::StaleLease {

@@ -24,7 +24,7 @@ use crate::db::{Db, DbError};
 use crate::lock;
 use crate::logs::LiveLogs;
 use crate::model::{Token, now_ms};
-use crate::workers::{AdminState, LOCAL_WORKER, WorkerInfo, WorkerRecord, WorkerState, WorkerView};
+use crate::workers::{AdminState, LOCAL_WORKER, Speeds, WorkerInfo, WorkerRecord, WorkerView};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -73,6 +73,8 @@ pub struct Hub {
     /// Workers heard from lately: their entry (refreshed at most every
     /// `PRESENCE_WRITE_MS`) and how many lease requests of theirs wait.
     pub presence: std::sync::Mutex<std::collections::HashMap<String, Presence>>,
+    /// `recent_speeds`: when read, and what.
+    speeds: std::sync::Mutex<Option<(i64, Arc<Speeds>)>>,
     /// `version()`, computed on first use (it hashes the binary).
     version: std::sync::Mutex<Option<String>>,
     /// Lowercase hex SHA-256 of the certificate served on `tls_listen`
@@ -97,6 +99,9 @@ pub struct Presence {
 /// A contact refreshes the stored directory entry at most this often
 /// (unless what the worker reports changed).
 const PRESENCE_WRITE_MS: i64 = 2_000;
+
+/// How stale the speed factors behind a contact's rating may be.
+const SPEEDS_TTL_MS: i64 = 10_000;
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
     move |source| HubError::DataDir {
@@ -156,6 +161,7 @@ impl Hub {
             running: Default::default(),
             local_info,
             presence: Default::default(),
+            speeds: Default::default(),
             version: Default::default(),
             tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
             tls_config: tls.map(|t| t.config),
@@ -265,8 +271,7 @@ impl Hub {
         let rec = self
             .db
             .touch_worker(name, info, now, self.worker_gap_ms())?;
-        let speeds = self.db.worker_speeds()?;
-        let rating = crate::workers::Qos::of(&rec, &speeds, now).rating;
+        let rating = crate::workers::Qos::of(&rec, &*self.recent_speeds(now)?, now).rating;
         let mut p = lock(&self.presence);
         let e = p.entry(name.to_string()).or_insert_with(|| Presence {
             rec: rec.clone(),
@@ -305,24 +310,45 @@ impl Hub {
         Ok(rec)
     }
 
+    /// The durations table behind speed factors, re-read at most every
+    /// `SPEEDS_TTL_MS`: contacts re-rate workers often, and the table
+    /// grows with packages × workers.
+    fn recent_speeds(&self, now: i64) -> Result<Arc<Speeds>, HubError> {
+        let mut cached = lock(&self.speeds);
+        match &*cached {
+            Some((at, s)) if now - at < SPEEDS_TTL_MS => Ok(s.clone()),
+            _ => {
+                let s = Arc::new(self.db.worker_speeds()?);
+                *cached = Some((now, s.clone()));
+                Ok(s)
+            }
+        }
+    }
+
+    /// Every worker's entry as of now: contacts since the last write (and
+    /// a lease request waiting now) count as seen, and as online time, as
+    /// they will at the next write.
+    fn workers_now(&self, now: i64) -> Result<Vec<WorkerRecord>, HubError> {
+        let mut recs = self.db.workers()?;
+        let presence = lock(&self.presence);
+        for rec in &mut recs {
+            if let Some(p) = presence.get(&rec.name) {
+                let seen = if p.waiting > 0 { now } else { p.rec.last_seen };
+                rec.seen(seen, self.worker_gap_ms());
+            }
+        }
+        Ok(recs)
+    }
+
     /// The worker directory as shown: every worker with its state and QoS.
     pub fn directory(&self) -> Result<Vec<WorkerView>, HubError> {
         let now = now_ms();
         let running = self.db.running_by_worker()?;
         let speeds = self.db.worker_speeds()?;
-        let presence = lock(&self.presence);
         Ok(self
-            .db
-            .workers()?
+            .workers_now(now)?
             .into_iter()
-            .map(|mut rec| {
-                // Contacts since the last write (and a lease request waiting
-                // now) count as seen, and as online time, as they would be
-                // at the next write.
-                if let Some(p) = presence.get(&rec.name) {
-                    let seen = if p.waiting > 0 { now } else { p.rec.last_seen };
-                    rec.seen(seen, self.worker_gap_ms());
-                }
+            .map(|rec| {
                 let n = running.get(&rec.name).copied().unwrap_or(0);
                 WorkerView::of(rec, n, &speeds, now, self.worker_gap_ms())
             })
@@ -332,11 +358,12 @@ impl Hub {
     /// Configurations of the workers that may take tasks now (enabled and
     /// online), the hub's own slots included.
     pub fn candidate_workers(&self) -> Result<Vec<WorkerInfo>, HubError> {
+        let now = now_ms();
         Ok(self
-            .directory()?
+            .workers_now(now)?
             .into_iter()
-            .filter(|w| matches!(w.state, WorkerState::Idle | WorkerState::Busy))
-            .filter_map(|w| w.info)
+            .filter(|r| r.admin == AdminState::Enabled && r.online(now, self.worker_gap_ms()))
+            .filter_map(|r| r.info)
             .collect())
     }
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -165,5 +165,47 @@ impl Drop for LogWriter {
         }
         drop(map);
         let _ = std::fs::remove_file(&self.live.path);
+    }
+}
+
+/// Sends a live log file into `tx` as it grows, until the log is done (or
+/// at once, without `follow`). Returns false when the receiver left.
+pub async fn follow_live(
+    mut file: std::fs::File,
+    mut progress: watch::Receiver<Progress>,
+    follow: bool,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+) -> bool {
+    let mut off = 0u64;
+    loop {
+        let p = *progress.borrow_and_update();
+        while p.len > off {
+            let want = (p.len - off).min(256 * 1024) as usize;
+            let mut buf = vec![0u8; want];
+            let read = file
+                .seek(SeekFrom::Start(off))
+                .and_then(|_| file.read(&mut buf));
+            match read {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    off += n as u64;
+                    if tx.send(Ok(bytes::Bytes::from(buf))).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return false;
+                }
+            }
+        }
+        if p.done || !follow {
+            return true;
+        }
+        tokio::select! {
+            r = progress.changed() => if r.is_err() { return true },
+            _ = tx.closed() => return false,
+        }
     }
 }

@@ -289,7 +289,7 @@ async fn heartbeat(
 ) -> ApiResult<StatusCode> {
     let f: Fence = json(&body, "heartbeat")?;
     let id = parse_task_id(&id)?;
-    let worker = leaseholder(&hub, &caller, id)?;
+    let (_, worker) = leased_task(&hub, &caller, id, None)?;
     let lease_ms = hub.config.build.lease_ms();
     let h = hub.clone();
     tokio::task::spawn_blocking(move || {
@@ -318,16 +318,7 @@ async fn live_log(
 ) -> ApiResult<StatusCode> {
     use futures_util::StreamExt;
     let id = parse_task_id(&id)?;
-    leaseholder(&hub, &caller, id)?;
-    let t = hub.db.task(id)?;
-    if t.lease.as_ref().map(|l| l.fence) != Some(q.fence) {
-        return Err(crate::db::DbError::StaleLease {
-            task: id,
-            given: q.fence,
-            current: t.lease.map(|l| l.fence),
-        }
-        .into());
-    }
+    let (t, _) = leased_task(&hub, &caller, id, Some(q.fence))?;
     // Room for the worker's own notes past the build's limit.
     let limit = hub.config.limits(&t.target).log_limit_bytes + (64 << 10);
     let io = |e: std::io::Error| ApiError::Internal(format!("live log of task {id}: {e}"));
@@ -340,20 +331,24 @@ async fn live_log(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The worker holding task `id`'s lease; a join token may only speak for
-/// its own worker's tasks (403), and a task without a lease is stale (409).
-fn leaseholder(hub: &Hub, caller: &WorkerCaller, id: crate::model::TaskId) -> ApiResult<String> {
+/// Task `id` and the worker holding its lease. A task without a lease, or
+/// (when `fence` is given) under another fence, is stale (409); a join
+/// token may only speak for its own worker's tasks (403).
+fn leased_task(
+    hub: &Hub,
+    caller: &WorkerCaller,
+    id: crate::model::TaskId,
+    fence: Option<u64>,
+) -> ApiResult<(Task, String)> {
     let t = hub.db.task(id)?;
-    let Some(l) = t.lease else {
-        return Err(crate::db::DbError::StaleLease {
-            task: id,
-            given: 0,
-            current: None,
-        }
-        .into());
-    };
-    caller.check(&l.worker)?;
-    Ok(l.worker)
+    let worker = t.lease.as_ref().map(|l| l.worker.clone());
+    // Without a fence to check, only that there is a lease (fence 0 is
+    // never handed out).
+    let current = t.lease.as_ref().map(|l| l.fence);
+    crate::db::check_fence(&t, fence.or(current).unwrap_or(0))?;
+    let worker = worker.unwrap_or_default();
+    caller.check(&worker)?;
+    Ok((t, worker))
 }
 
 /// `POST /api/v1/worker/blobs/missing` `[digest, …]`: the ones the hub
@@ -403,7 +398,7 @@ async fn end(
 ) -> ApiResult<Json<Build>> {
     let id = parse_task_id(&id)?;
     let r: EndReport = json(&body, "end report")?;
-    leaseholder(&hub, &caller, id)?;
+    let (task, _) = leased_task(&hub, &caller, id, None)?;
     let mut named = r
         .log
         .iter()
@@ -414,7 +409,6 @@ async fn end(
             "blob {d} is not on the hub: upload it first"
         )));
     }
-    let task = hub.db.task(id)?;
     let build = hub.db.build(task.build)?;
     let artifacts: Vec<Artifact> = r
         .files

@@ -306,7 +306,7 @@ pub async fn stream_build_log(hub: Arc<Hub>, build: Build, follow: bool, tx: mps
                 && let Some(live) = hub.logs.get(*tid)
                 && let Ok(file) = std::fs::File::open(&live.path)
             {
-                if !follow_live(file, live.subscribe(), follow, &tx).await {
+                if !crate::logs::follow_live(file, live.subscribe(), follow, &tx).await {
                     return;
                 }
                 break;
@@ -319,47 +319,6 @@ pub async fn stream_build_log(hub: Arc<Hub>, build: Build, follow: bool, tx: mps
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = tx.closed() => return,
             }
-        }
-    }
-}
-
-/// Streams a live log file as it grows. Returns false when the client left.
-async fn follow_live(
-    mut file: std::fs::File,
-    mut progress: tokio::sync::watch::Receiver<crate::logs::Progress>,
-    follow: bool,
-    tx: &mpsc::Sender<Chunk>,
-) -> bool {
-    let mut off = 0u64;
-    loop {
-        let p = *progress.borrow_and_update();
-        while p.len > off {
-            let want = (p.len - off).min(256 * 1024) as usize;
-            let mut buf = vec![0u8; want];
-            let read = file
-                .seek(SeekFrom::Start(off))
-                .and_then(|_| file.read(&mut buf));
-            match read {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    off += n as u64;
-                    if tx.send(Ok(Bytes::from(buf))).await.is_err() {
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return false;
-                }
-            }
-        }
-        if p.done || !follow {
-            return true;
-        }
-        tokio::select! {
-            r = progress.changed() => if r.is_err() { return true },
-            _ = tx.closed() => return false,
         }
     }
 }

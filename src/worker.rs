@@ -751,7 +751,16 @@ async fn run_remote_task(
     ));
     let result = execute(local, slot, name, &leased, l.target, l.limits, cancel).await;
     heartbeat.abort();
-    // The live copy gets everything before the end is reported.
+    let (end, log) = match result {
+        Ok(v) => v,
+        Err(e) => (TaskEnd::infrastructure(e.to_string()), None),
+    };
+    // The log is complete and stored: closing it ends the live copy (no one
+    // follows it on this side), which gets everything before the end is
+    // reported.
+    if let Some(log) = log {
+        log.close();
+    }
     finished.cancel();
     if tokio::time::timeout(Duration::from_secs(10), streamer)
         .await
@@ -763,13 +772,6 @@ async fn run_remote_task(
         // The hub re-queues the task when the lease runs out.
         return Ok(());
     }
-    let (end, log) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            let end = TaskEnd::infrastructure(e.to_string());
-            (end, None)
-        }
-    };
     // Everything the end names goes up first, only what the hub lacks.
     let named: Vec<crate::cas::Digest> = end
         .log
@@ -799,11 +801,7 @@ async fn run_remote_task(
             })
             .collect(),
     };
-    let sent = client.worker_end(task, &report).await;
-    if let Some(log) = log {
-        log.close();
-    }
-    sent?;
+    client.worker_end(task, &report).await?;
     Ok(())
 }
 
@@ -871,8 +869,9 @@ async fn stage_update(client: &crate::client::Client, exe: &Path) -> Result<Path
 }
 
 /// Copies task `task`'s local log to the hub as it grows (one streaming
-/// request), until `finished` fires and the file is read to its end.
-/// Best effort: the complete log is uploaded at the end regardless.
+/// request) until the log is closed; `finished` stops the wait for a log
+/// that never started. Best effort: the complete log is uploaded at the
+/// end regardless.
 async fn stream_log(
     client: crate::client::Client,
     local: Arc<Hub>,
@@ -880,7 +879,6 @@ async fn stream_log(
     fence: u64,
     finished: CancellationToken,
 ) {
-    use std::io::{Read, Seek, SeekFrom};
     // The log appears when the task starts.
     let live = loop {
         if let Some(l) = local.logs.get(task) {
@@ -891,41 +889,13 @@ async fn stream_log(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let Ok(mut file) = std::fs::File::open(&live.path) else {
+    let Ok(file) = std::fs::File::open(&live.path) else {
         return;
     };
-    let mut progress = live.subscribe();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
     let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let send = tokio::spawn(async move { client.worker_log(task, fence, body).await });
-    let mut off = 0u64;
-    loop {
-        let p = *progress.borrow_and_update();
-        let last = p.done || finished.is_cancelled();
-        let end = if last { u64::MAX } else { p.len };
-        while off < end {
-            let mut buf = vec![0u8; (end - off).min(256 * 1024) as usize];
-            let n = match file
-                .seek(SeekFrom::Start(off))
-                .and_then(|_| file.read(&mut buf))
-            {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            buf.truncate(n);
-            off += n as u64;
-            if tx.send(Ok(buf.into())).await.is_err() {
-                return;
-            }
-        }
-        if last {
-            break;
-        }
-        tokio::select! {
-            r = progress.changed() => if r.is_err() { finished.cancelled().await },
-            _ = finished.cancelled() => {}
-        }
-    }
+    crate::logs::follow_live(file, live.subscribe(), true, &tx).await;
     drop(tx);
     if let Ok(Err(e)) = send.await {
         tracing::debug!(task, error = %e, "live log stream refused");

@@ -40,7 +40,7 @@ pub struct WorkerInfo {
 }
 
 /// What a task needs of the worker that runs it (from its target).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, Hash)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Needs {
     /// None or `all`: any architecture.
     pub arch: Option<String>,

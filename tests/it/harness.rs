@@ -300,3 +300,32 @@ where
     }
     seen
 }
+
+/// Starts `kiln serve` on port 0 with `args` and data in `data`, and
+/// returns it with what follows `prefix` on the first line of its stderr
+/// that starts with it; stderr is drained from then on so the hub never
+/// blocks on it.
+pub fn spawn_serve(data: &Path, args: &[&str], prefix: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::kiln_exe())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .env("KILN_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let rest = loop {
+        let line = lines.next().expect("the hub printed its line").unwrap();
+        if let Some(rest) = line.strip_prefix(prefix) {
+            break rest.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, rest)
+}

@@ -1,9 +1,8 @@
 //! The `kiln` binary itself: kill -9 and restart, graceful shutdown, the CLI
 //! against a hub, and `kiln build DIR` with no hub.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use kiln::client::Client;
@@ -15,32 +14,11 @@ use crate::kiln_exe;
 /// Starts `kiln serve` on port 0 and returns it with its URL, read from the
 /// line it prints.
 fn spawn_hub(data: &Path, slots: usize) -> (Child, String) {
-    let mut child = Command::new(kiln_exe())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--slots",
-            &slots.to_string(),
-        ])
-        .arg("--data")
-        .arg(data)
-        .env("KILN_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("hub printed its address").unwrap();
-        if let Some(u) = line.strip_prefix("kiln: listening on ") {
-            break u.to_string();
-        }
-    };
-    // Keep draining stderr so the hub never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
-    (child, url)
+    spawn_serve(
+        data,
+        &["--slots", &slots.to_string()],
+        "kiln: listening on ",
+    )
 }
 
 fn token(data: &Path) -> String {

@@ -2,11 +2,9 @@
 //! loopback, clients pinning its fingerprint, and what happens to clients
 //! that pin the wrong one or none.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use kiln::client::{Client, ClientError};
 use kiln::config::Config;
@@ -190,28 +188,15 @@ async fn an_admin_supplied_certificate_is_served() {
 #[test]
 fn kiln_serve_prints_the_https_address_and_fingerprint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(kiln_exe())
-        .args(["serve", "--listen", "127.0.0.1:0", "--slots", "0"])
-        .args(["--tls-listen", "127.0.0.1:0"])
-        .arg("--data")
-        .arg(dir.path())
-        .env("KILN_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    let (mut child, line) = spawn_serve(
+        dir.path(),
+        &["--slots", "0", "--tls-listen", "127.0.0.1:0"],
+        "kiln: HTTPS on ",
+    );
+    let (url, fp) = line
+        .split_once(", certificate fingerprint (SHA-256) ")
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (url, fp) = loop {
-        let line = lines.next().expect("hub printed its HTTPS line").unwrap();
-        if let Some(rest) = line.strip_prefix("kiln: HTTPS on ") {
-            let (url, fp) = rest
-                .split_once(", certificate fingerprint (SHA-256) ")
-                .unwrap();
-            break (url.to_string(), fp.to_string());
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (url, fp) = (url.to_string(), fp.to_string());
     assert_eq!(fp, pem_fingerprint(&dir.path().join("tls/hub.crt")));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let health = rt.block_on(async {
