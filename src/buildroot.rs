@@ -175,7 +175,8 @@ pub async fn run_job(hub: Arc<Hub>, br: Buildroot, tarball: Option<PathBuf>) {
     match result {
         Ok(size) => {
             // A refresh replaces a generation that was ready.
-            let old = (rec.ready.is_some() && rec.generation > 0).then(|| root_path(&hub, &rec));
+            let old = (rec.ready.is_some() && rec.generation > 0)
+                .then(|| (root_path(&hub, &rec), export_note(&hub, &rec)));
             rec.generation = next.generation;
             rec.state = BuildrootState::Ready;
             rec.ready = Some(now_ms());
@@ -184,7 +185,9 @@ pub async fn run_job(hub: Arc<Hub>, br: Buildroot, tarball: Option<PathBuf>) {
                 tracing::error!(buildroot = %name, error = %e, "cannot record buildroot");
             }
             // Tasks still on the old generation keep their (open) view of it.
-            if let Some(old) = old {
+            // (Its export's blob stays in the store, like every blob.)
+            if let Some((old, note)) = old {
+                let _ = std::fs::remove_file(note);
                 let _ = tokio::task::spawn_blocking(move || crate::worker::remove_tree(&old)).await;
             }
             tracing::info!(buildroot = %name, size, "buildroot ready");
@@ -227,23 +230,10 @@ async fn job(
     target: &Path,
     tarball: Option<&Path>,
 ) -> Result<u64, String> {
-    let work = dir(hub).join(format!("{}.job", br.name));
-    let _ = crate::worker::remove_tree(&work);
-    let build = work.join("build");
-    let setup = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&build)?;
-        if target.exists() {
-            crate::worker::remove_tree(target)?;
-        }
-        std::fs::create_dir_all(target)?;
-        // The root dir itself, like any root: 0755.
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))
-    };
-    setup().map_err(|e| format!("preparing {}: {e}", target.display()))?;
+    std::fs::create_dir_all(dir(hub)).map_err(|e| format!("creating the buildroots dir: {e}"))?;
     let log = std::fs::File::create(log_path(hub, &br.name))
         .map_err(|e| format!("creating the log: {e}"))?;
-    let (argv, network, hardening, binds) = match (&br.source, tarball) {
+    let job = match (&br.source, tarball) {
         (
             BuildrootSource::Debian {
                 suite,
@@ -266,37 +256,34 @@ async fn job(
                 argv.push(format!("--include={}", include.join(",")));
             }
             argv.extend([suite.clone(), "/out".into(), mirror.clone()]);
-            (argv, Network::Host, Hardening::Bootstrap, vec![])
+            RootJob {
+                argv,
+                network: Network::Host,
+                hardening: Hardening::Bootstrap,
+                binds: vec![],
+            }
         }
-        (BuildrootSource::Imported, Some(tar)) => {
-            let argv = [
-                "/bin/tar",
-                "-x",
-                "-p",
-                "--numeric-owner",
-                "--auto-compress",
-                "-f",
-                "/build/rootfs.tar",
-                "-C",
-                "/out",
-                "--exclude=./dev/*",
-                "--exclude=dev/*",
-            ]
-            .map(String::from)
-            .to_vec();
-            let bind = sandbox::Bind {
-                host: tar.to_owned(),
-                path: "/build/rootfs.tar".into(),
-                writable: false,
-            };
-            (argv, Network::Loopback, Hardening::Build, vec![bind])
-        }
+        (BuildrootSource::Imported, Some(tar)) => RootJob::unpack(tar),
         (BuildrootSource::Imported, None) => return Err("no tarball to import".into()),
     };
-    let spec = Spec {
+    let work = dir(hub).join(format!("{}.job", br.name));
+    job.run(&hub.kiln_exe, &work, target, log).await
+}
+
+/// A buildroot job's sandbox: the host's system dirs, the buildroot id
+/// range, a minimal environment.
+fn job_spec(
+    build_dir: PathBuf,
+    out_dir: PathBuf,
+    argv: Vec<String>,
+    network: Network,
+    hardening: Hardening,
+    binds: Vec<sandbox::Bind>,
+) -> Spec {
+    Spec {
         root: RootSpec::Host,
-        build_dir: build.clone(),
-        out_dir: target.to_owned(),
+        build_dir,
+        out_dir,
         argv,
         env: vec![
             ("PATH".into(), crate::worker::SANDBOX_PATH.into()),
@@ -314,31 +301,105 @@ async fn job(
         setup: None,
         binds,
         hardening,
-    };
-    let cancel = CancellationToken::new();
-    let timer = {
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(JOB_TIMEOUT).await;
-            c.cancel();
-        })
-    };
-    let ran = sandbox::run(&hub.kiln_exe, &spec, &work, log.into(), cancel).await;
-    timer.abort();
-    let _ = crate::worker::remove_tree(&work);
-    match ran {
-        Ok(o) if o.success() => {}
-        Ok(o) => return Err(format!("{} ended with {o}", spec.argv[0])),
-        Err(e) => return Err(e.to_string()),
     }
-    let t = target.to_owned();
-    let size = tokio::task::spawn_blocking(move || tree_size(&t))
-        .await
-        .map_err(|e| e.to_string())?;
-    if !target.join("usr").is_dir() {
-        return Err("the result has no /usr: not a root filesystem".into());
+}
+
+/// A command that fills a new root dir (`/out` in its sandbox).
+struct RootJob {
+    argv: Vec<String>,
+    network: Network,
+    hardening: Hardening,
+    binds: Vec<sandbox::Bind>,
+}
+
+impl RootJob {
+    /// Unpacks a root tarball with `tar` inside the sandbox, owners kept
+    /// (numeric, in the buildroot id range), so no member reaches outside.
+    fn unpack(tar: &Path) -> RootJob {
+        let argv = [
+            "/bin/tar",
+            "-x",
+            "-p",
+            "--numeric-owner",
+            "--auto-compress",
+            "-f",
+            "/build/rootfs.tar",
+            "-C",
+            "/out",
+            "--exclude=./dev/*",
+            "--exclude=dev/*",
+        ]
+        .map(String::from)
+        .to_vec();
+        let bind = sandbox::Bind {
+            host: tar.to_owned(),
+            path: "/build/rootfs.tar".into(),
+            writable: false,
+        };
+        RootJob {
+            argv,
+            network: Network::Loopback,
+            hardening: Hardening::Build,
+            binds: vec![bind],
+        }
     }
-    Ok(size)
+
+    /// Runs in the buildroot id range with `target` (made empty, 0755) as
+    /// `/out` and `work` as scratch; returns the root's size in bytes, or
+    /// why it failed.
+    async fn run(
+        self,
+        kiln_exe: &Path,
+        work: &Path,
+        target: &Path,
+        log: std::fs::File,
+    ) -> Result<u64, String> {
+        let _ = crate::worker::remove_tree(work);
+        let build = work.join("build");
+        let setup = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&build)?;
+            if target.exists() {
+                crate::worker::remove_tree(target)?;
+            }
+            std::fs::create_dir_all(target)?;
+            // The root dir itself, like any root: 0755.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))
+        };
+        setup().map_err(|e| format!("preparing {}: {e}", target.display()))?;
+        let spec = job_spec(
+            build.clone(),
+            target.to_owned(),
+            self.argv,
+            self.network,
+            self.hardening,
+            self.binds,
+        );
+        let cancel = CancellationToken::new();
+        let timer = {
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(JOB_TIMEOUT).await;
+                c.cancel();
+            })
+        };
+        let ran = sandbox::run(kiln_exe, &spec, work, log.into(), cancel).await;
+        timer.abort();
+        let _ = crate::worker::remove_tree(work);
+        match ran {
+            Ok(o) if o.success() => {}
+            Ok(o) => return Err(format!("{} ended with {o}", spec.argv[0])),
+            Err(e) => return Err(e.to_string()),
+        }
+        let t = target.to_owned();
+        let size = tokio::task::spawn_blocking(move || tree_size(&t))
+            .await
+            .map_err(|e| e.to_string())?;
+        if !target.join("usr").is_dir() {
+            return Err("the result has no /usr: not a root filesystem".into());
+        }
+        Ok(size)
+    }
 }
 
 fn tree_size(path: &Path) -> u64 {
@@ -369,13 +430,240 @@ pub async fn delete(hub: &Arc<Hub>, name: &str) -> Result<Buildroot, BuildrootEr
         )));
     }
     let br = hub.db.delete_buildroot(name)?;
-    let (root, log) = (root_path(hub, &br), log_path(hub, name));
+    let (root, log, note) = (
+        root_path(hub, &br),
+        log_path(hub, name),
+        export_note(hub, &br),
+    );
     tokio::task::spawn_blocking(move || {
         let _ = crate::worker::remove_tree(&root);
         let _ = std::fs::remove_file(log);
+        let _ = std::fs::remove_file(note);
     })
     .await
     .map_err(|e| io("removing files")(std::io::Error::other(e)))?;
     hub.changed();
     Ok(br)
+}
+
+/// A buildroot generation as remote workers get it: one blob, a tar of its
+/// files with the owners tasks see (numeric), made once per generation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Export {
+    pub name: String,
+    pub generation: u64,
+    /// The tar's blob.
+    pub digest: crate::cas::Digest,
+    /// The tar's size in bytes.
+    pub size: u64,
+}
+
+/// Where the hub notes the export of `br`'s current generation
+/// (`<digest> <size>`), written once its blob is in the store.
+fn export_note(hub: &Hub, br: &Buildroot) -> PathBuf {
+    dir(hub).join(format!("{}.{}.export", br.name, br.generation))
+}
+
+/// The export of buildroot `name`'s current generation, made on first
+/// request: `tar -c` runs in the sandbox (in the buildroot id range, so it
+/// records the owners tasks see) over a read-only view of the root, and
+/// the tar goes into the store. One export or unpack at a time: workers
+/// asking together wait for the first instead of each making one.
+pub async fn export(hub: &Arc<Hub>, name: &str) -> Result<Export, BuildrootError> {
+    let _one = hub.root_jobs.lock().await;
+    let br = hub
+        .db
+        .buildroot(name)?
+        .ok_or_else(|| DbError::NotFound(format!("buildroot {name}")))?;
+    if br.ready.is_none() {
+        return Err(BuildrootError::BadRequest(format!(
+            "buildroot {name} is not ready"
+        )));
+    }
+    let note = export_note(hub, &br);
+    let known = std::fs::read_to_string(&note).ok().and_then(|s| {
+        let (d, n) = s.trim().split_once(' ')?;
+        Some((
+            d.parse::<crate::cas::Digest>().ok()?,
+            n.parse::<u64>().ok()?,
+        ))
+    });
+    let export = |(digest, size)| Export {
+        name: name.to_string(),
+        generation: br.generation,
+        digest,
+        size,
+    };
+    if let Some((d, n)) = known
+        && hub.cas.contains(&d)
+    {
+        return Ok(export((d, n)));
+    }
+    let work = dir(hub).join(format!("{name}.export-job"));
+    let _ = crate::worker::remove_tree(&work);
+    let (build, out) = (work.join("build"), work.join("out"));
+    for d in [&build, &out] {
+        std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+    }
+    let argv = [
+        "/bin/tar",
+        "-c",
+        "--numeric-owner",
+        "-f",
+        "/out/root.tar",
+        "-C",
+        "/build/root",
+        ".",
+    ];
+    let root = sandbox::Bind {
+        host: root_path(hub, &br),
+        path: "/build/root".into(),
+        writable: false,
+    };
+    let spec = job_spec(
+        build,
+        out.clone(),
+        argv.map(String::from).to_vec(),
+        Network::Loopback,
+        Hardening::Build,
+        vec![root],
+    );
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log_path(hub, name))
+        .map_err(io("opening the buildroot log"))?;
+    let ran = sandbox::run(
+        &hub.kiln_exe,
+        &spec,
+        &work.join("run"),
+        log.into(),
+        hub.shutdown.child_token(),
+    )
+    .await;
+    let failed = |why: String| {
+        let _ = crate::worker::remove_tree(&work);
+        BuildrootError::Io {
+            what: format!("exporting buildroot {name}"),
+            source: std::io::Error::other(why),
+        }
+    };
+    match ran {
+        Ok(o) if o.success() => {}
+        Ok(o) => return Err(failed(format!("tar ended with {o}"))),
+        Err(e) => return Err(failed(e.to_string())),
+    }
+    let (cas, tar) = (hub.cas.clone(), out.join("root.tar"));
+    let stored = tokio::task::spawn_blocking(move || cas.put_file(&tar))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let _ = crate::worker::remove_tree(&work);
+    let text = format!("{} {}\n", stored.0, stored.1);
+    crate::durable::write(&note, text.as_bytes(), 0o644)
+        .map_err(io(format!("writing {}", note.display())))?;
+    append_log(
+        hub,
+        name,
+        &format!(
+            "kiln: generation {} exported for workers ({} MB)\n",
+            br.generation,
+            stored.1 >> 20
+        ),
+    );
+    Ok(export(stored))
+}
+
+/// Where a remote worker keeps its unpacked copy of an export.
+fn copy_path(local: &Hub, ex: &Export) -> PathBuf {
+    // '@' is not allowed in names, so `<name>@` prefixes only this name's copies.
+    dir(local).join(format!("{}@{}", ex.name, ex.digest))
+}
+
+/// A remote worker's copy of the hub's buildroot `name`, current
+/// generation: reused while the hub's export is the same blob, else
+/// downloaded (compressed, verified against its digest while it streams)
+/// and unpacked as `import` does, into a temp dir renamed into place.
+/// The previous copy stays (a running task may use it); older ones go.
+pub async fn remote_copy(
+    client: &crate::client::Client,
+    local: &Arc<Hub>,
+    name: &str,
+) -> Result<(PathBuf, Export, bool), BuildrootError> {
+    let _one = local.root_jobs.lock().await;
+    let remote = |what: &str| {
+        let what = format!("{what} buildroot {name} from the hub");
+        move |e: crate::client::ClientError| BuildrootError::Io {
+            what,
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    let ex = client
+        .worker_buildroot(name)
+        .await
+        .map_err(remote("exporting"))?;
+    let dest = copy_path(local, &ex);
+    if dest.is_dir() {
+        return Ok((dest, ex, false));
+    }
+    let base = dir(local);
+    std::fs::create_dir_all(&base).map_err(io(format!("creating {}", base.display())))?;
+    let tar = base.join(format!("{name}@partial.tar"));
+    client
+        .worker_download(&ex.digest, &tar)
+        .await
+        .map_err(remote("downloading"))?;
+    let partial = base.join(format!("{name}@partial"));
+    let log = std::fs::File::create(base.join(format!("{name}.log")))
+        .map_err(io("creating the unpack log"))?;
+    let unpacked = RootJob::unpack(&tar)
+        .run(
+            &local.kiln_exe,
+            &base.join(format!("{name}@job")),
+            &partial,
+            log,
+        )
+        .await;
+    let _ = std::fs::remove_file(&tar);
+    if let Err(why) = unpacked {
+        let _ = crate::worker::remove_tree(&partial);
+        return Err(BuildrootError::Io {
+            what: format!("unpacking buildroot {name}"),
+            source: std::io::Error::other(why),
+        });
+    }
+    std::fs::rename(&partial, &dest).map_err(io(format!("renaming to {}", dest.display())))?;
+    // Newest first when pruning, whatever mtime the tar gave the root.
+    let _ = std::fs::File::open(&dest).and_then(|d| d.set_modified(std::time::SystemTime::now()));
+    crate::durable::sync_dir(&base).map_err(io("syncing the buildroots dir"))?;
+    prune_copies(&base, name, &dest);
+    Ok((dest, ex, true))
+}
+
+/// Removes copies of `name` but `current` and the newest other one.
+fn prune_copies(base: &Path, name: &str, current: &Path) {
+    let prefix = format!("{name}@");
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&prefix)
+                .is_some_and(|d| d.parse::<crate::cas::Digest>().is_ok())
+        })
+        .map(|e| e.path())
+        .filter(|p| p != current)
+        .map(|p| {
+            let t = std::fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (t, p)
+        })
+        .collect();
+    others.sort();
+    others.pop();
+    for (_, p) in others {
+        let _ = crate::worker::remove_tree(&p);
+    }
 }

@@ -112,7 +112,7 @@ pub async fn worker(o: WorkerOptions) -> anyhow::Result<()> {
         &o.data,
         slots as u32,
         &o.features,
-        false,
+        true,
     ));
     eprintln!(
         "kiln: worker {name} ({}, {} cores) with {slots} slot(s) on hub {} (hub kiln {}, this kiln {})",

@@ -474,6 +474,117 @@ impl Client {
         self.send(rb).await.map(|_| ())
     }
 
+    /// The export of the hub's buildroot `name` (made on the hub's first
+    /// ask, which may take a while).
+    pub async fn worker_buildroot(&self, name: &str) -> Result<crate::buildroot::Export> {
+        self.json(self.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/worker/buildroots/{name}"),
+        ))
+        .await
+    }
+
+    /// The packages of task `task`'s target repo (its arch and `all`) that
+    /// its Build-Depends may use.
+    pub async fn worker_repo(&self, task: u64, fence: u64) -> Result<Vec<crate::model::RepoDeb>> {
+        self.json(
+            self.req(
+                reqwest::Method::GET,
+                &format!("/api/v1/worker/tasks/{task}/repo"),
+            )
+            .query(&[("fence", fence)]),
+        )
+        .await
+    }
+
+    /// A mirror's `.deb` through the hub's cache: the hub downloads `url`
+    /// unless it holds the file already; the caller verifies what comes.
+    pub async fn worker_deb(
+        &self,
+        sha256: &[u8; 32],
+        url: &str,
+        size: u64,
+    ) -> Result<reqwest::Response> {
+        let rb = self
+            .req(
+                reqwest::Method::GET,
+                &format!("/api/v1/worker/debs/{}", hex::encode(sha256)),
+            )
+            .query(&[("url", url), ("size", &size.to_string())]);
+        self.send(rb).await
+    }
+
+    /// Makes blob `d` present in `cas`, fetching it unless it is there
+    /// (verified against its digest).
+    pub async fn fetch_blob(&self, cas: &crate::cas::Cas, d: &Digest) -> Result<()> {
+        if cas.contains(d) {
+            return Ok(());
+        }
+        let bytes = self
+            .blob(d, false)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if Digest::of(&bytes) != *d {
+            return Err(ClientError::Decode(format!(
+                "blob {d} does not match its digest"
+            )));
+        }
+        cas.put_bytes(&bytes)
+            .map_err(|e| ClientError::Io(std::io::Error::other(e.to_string())))?;
+        Ok(())
+    }
+
+    /// Downloads blob `d` into the file `dest`, compressed in transit and
+    /// verified against its digest (a mismatch leaves no file); its size.
+    pub async fn worker_download(&self, d: &Digest, dest: &Path) -> Result<u64> {
+        use sha2::Digest as _;
+        use std::io::Write;
+        struct Hashing {
+            file: std::fs::File,
+            hash: sha2::Sha256,
+            len: u64,
+        }
+        impl Write for Hashing {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.file.write_all(buf)?;
+                self.hash.update(buf);
+                self.len += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.file.flush()
+            }
+        }
+        let mut resp = self.blob(d, true).await?;
+        let out = Hashing {
+            file: std::fs::File::create(dest)?,
+            hash: sha2::Sha256::new(),
+            len: 0,
+        };
+        let result = async {
+            let mut dec = zstd::stream::write::Decoder::new(out)?;
+            while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport(e))? {
+                dec.write_all(&chunk)?;
+            }
+            dec.flush()?;
+            let out = dec.into_inner();
+            out.file.sync_all()?;
+            if Digest(out.hash.finalize().into()) != *d {
+                return Err(ClientError::Decode(format!(
+                    "blob {d} does not match its digest"
+                )));
+            }
+            Ok(out.len)
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        result
+    }
+
     /// Reports a task's end under its fence.
     pub async fn worker_end(&self, task: u64, report: &crate::remote::EndReport) -> Result<Build> {
         self.json(

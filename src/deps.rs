@@ -149,6 +149,17 @@ impl std::fmt::Display for FetchStats {
     }
 }
 
+/// Where the files a cache lacks come from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The hub: mirror files from the mirrors; project packages are in its
+    /// store.
+    Mirrors,
+    /// A remote worker: both through its hub (which keeps the farm's one
+    /// cache of mirror files), so a worker needs no way to the mirrors.
+    Hub(&'a crate::client::Client),
+}
+
 /// Makes every .deb of `list` present under its apt name in `into` (with
 /// the `partial/` apt insists on): mirror files from `cache`, downloading
 /// what is missing; the project's packages from the store, by pool path.
@@ -158,6 +169,7 @@ pub async fn fetch(
     list: &str,
     cas: &Cas,
     project: &HashMap<String, Digest>,
+    source: Source<'_>,
 ) -> Result<FetchStats, DepsError> {
     let io = |p: &Path| {
         let p = p.display().to_string();
@@ -178,6 +190,14 @@ pub async fn fetch(
                 let digest = project
                     .get(pool)
                     .ok_or_else(|| DepsError::NotInRepo(pool.clone()))?;
+                if let Source::Hub(hub) = source {
+                    hub.fetch_blob(cas, digest)
+                        .await
+                        .map_err(|e| DepsError::Fetch {
+                            url: pool.clone(),
+                            why: e.to_string(),
+                        })?;
+                }
                 let (cas, w2, dest) = (cas.clone(), w.clone(), into.join(&w.file));
                 let digest = *digest;
                 tokio::task::spawn_blocking(move || from_store(&cas, &digest, &w2, &dest))
@@ -205,7 +225,7 @@ pub async fn fetch(
         let results = futures_util::future::join_all(
             batch
                 .iter()
-                .map(|(url, w)| download(&client, cache, url, w)),
+                .map(|(url, w)| download(source, &client, cache, url, w)),
         )
         .await;
         for ((_, w), r) in batch.iter().zip(results) {
@@ -245,7 +265,22 @@ fn from_store(cas: &Cas, digest: &Digest, w: &Wanted, dest: &Path) -> Result<(),
     Ok(())
 }
 
+/// Puts the mirror file `url`, which must be `w`, into `cache` unless it
+/// is there; the cached file's path. The hub does this for its workers.
+pub async fn cached(cache: &Path, url: &str, w: &Wanted) -> Result<PathBuf, DepsError> {
+    let path = cache.join(hex::encode(w.sha256));
+    if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(w.size) {
+        std::fs::create_dir_all(cache)
+            .map_err(|e| DepsError::Io(cache.display().to_string(), e))?;
+        download(Source::Mirrors, &reqwest::Client::new(), cache, url, w).await?;
+    }
+    Ok(path)
+}
+
+/// Downloads `url` (from `source`) into `cache` under its SHA256, after
+/// checking its size and SHA256 are `w`'s.
 async fn download(
+    source: Source<'_>,
     client: &reqwest::Client,
     cache: &Path,
     url: &str,
@@ -262,12 +297,18 @@ async fn download(
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut resp = client
-        .get(url)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| fail(e.to_string()))?;
+    let mut resp = match source {
+        Source::Mirrors => client
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| fail(e.to_string()))?,
+        Source::Hub(hub) => hub
+            .worker_deb(&w.sha256, url, w.size)
+            .await
+            .map_err(|e| fail(format!("through the hub: {e}")))?,
+    };
     let io = |e: std::io::Error| DepsError::Io(tmp.display().to_string(), e);
     let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;
     let (mut hasher, mut n) = (Sha256::new(), 0u64);

@@ -10,7 +10,6 @@
 //! - `tls/`           the generated HTTPS certificate `hub.crt` and its key `hub.key`
 //!   (0600), made once and kept because clients pin its fingerprint (tls)
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,6 +81,9 @@ pub struct Hub {
     pub tls_fingerprint: Option<String>,
     /// The rustls config the TLS listener serves with (`start` binds it).
     pub(crate) tls_config: Option<Arc<rustls::ServerConfig>>,
+    /// Held by a buildroot export (hub) or a copy's download and unpack
+    /// (remote worker): one at a time, and a second asker reuses the first's.
+    pub(crate) root_jobs: tokio::sync::Mutex<()>,
 }
 
 /// A worker as the hub knows it between directory writes.
@@ -165,6 +167,7 @@ impl Hub {
             version: Default::default(),
             tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
             tls_config: tls.map(|t| t.config),
+            root_jobs: Default::default(),
         });
         hub.ensure_admin_token()?;
         if hub.config.build.slots > 0 {
@@ -189,20 +192,8 @@ impl Hub {
         }
         let secret = new_secret();
         let path = self.data_dir().join(ADMIN_TOKEN_FILE);
-        let tmp = self.data_dir().join(".admin.token.tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_at(&tmp))?;
-            writeln!(f, "{secret}").map_err(io_at(&tmp))?;
-            f.sync_all().map_err(io_at(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        crate::durable::write(&path, format!("{secret}\n").as_bytes(), 0o600)
+            .map_err(io_at(&path))?;
         // The token is written before the db knows it: a crash between leaves
         // a file with a token the db lacks, and the next start makes a new one.
         self.db.insert_token(

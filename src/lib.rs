@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod deps;
+pub mod durable;
 pub mod gitsrc;
 pub mod hub;
 pub mod kinds;

@@ -48,6 +48,9 @@ pub fn routes(max_blob_bytes: u64) -> axum::Router<Arc<Hub>> {
             "/api/v1/worker/tasks/{id}/log",
             post(live_log).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/worker/tasks/{id}/repo", get(task_repo))
+        .route("/api/v1/worker/buildroots/{name}", get(buildroot_export))
+        .route("/api/v1/worker/debs/{hex}", get(deb))
         .route("/api/v1/worker/blobs/missing", post(missing))
         .route(
             "/api/v1/worker/blobs/{hex}",
@@ -349,6 +352,86 @@ fn leased_task(
     let worker = worker.unwrap_or_default();
     caller.check(&worker)?;
     Ok((t, worker))
+}
+
+/// `GET /api/v1/worker/tasks/ID/repo?fence=F`: the packages of the task's
+/// target repo its Build-Depends may use (the target's arch and `all`).
+async fn task_repo(
+    caller: WorkerCaller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<FenceQuery>,
+) -> ApiResult<Json<Vec<crate::model::RepoDeb>>> {
+    let id = parse_task_id(&id)?;
+    let (t, _) = leased_task(&hub, &caller, id, Some(q.fence))?;
+    let build = hub.db.build(t.build)?;
+    let Some(target) = hub.db.target(&build.project, &t.target)? else {
+        return Ok(Json(vec![]));
+    };
+    Ok(Json(crate::worker::target_repo_debs(&hub, &target)?))
+}
+
+/// `GET /api/v1/worker/buildroots/NAME`: the export of the buildroot's
+/// current generation (made on the first ask), whose blob the worker then
+/// downloads from `/cas/sha256/`.
+async fn buildroot_export(
+    _: WorkerCaller,
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<crate::buildroot::Export>> {
+    crate::kinds::validate_name(&name)
+        .map_err(|m| ApiError::BadRequest(format!("buildroot {m}")))?;
+    Ok(Json(crate::buildroot::export(&hub, &name).await?))
+}
+
+#[derive(Deserialize)]
+pub struct DebQuery {
+    /// Where the mirror serves it (http or https).
+    pub url: String,
+    pub size: u64,
+}
+
+/// `GET /api/v1/worker/debs/SHA256?url=U&size=N`: a Build-Depends `.deb`
+/// from the hub's cache, which downloads it from `url` first if it lacks
+/// it (checked against size and SHA256, as for its own tasks). One cache
+/// serves the farm, and workers need no way to the mirrors.
+async fn deb(
+    _: WorkerCaller,
+    State(hub): State<Arc<Hub>>,
+    Path(hex): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<DebQuery>,
+) -> ApiResult<Response> {
+    let mut sha256 = [0u8; 32];
+    if hex.len() != 64 || hex::decode_to_slice(&hex, &mut sha256).is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "{hex:?} is not a sha256 (64 hex digits)"
+        )));
+    }
+    if !(q.url.starts_with("http://") || q.url.starts_with("https://")) {
+        return Err(ApiError::BadRequest(format!(
+            "url {:?} is not an http(s) URL",
+            q.url
+        )));
+    }
+    let wanted = crate::deps::Wanted {
+        from: crate::deps::From::Url(q.url.clone()),
+        file: String::new(),
+        size: q.size,
+        sha256,
+    };
+    let cache = crate::deps::cache_dir(hub.data_dir());
+    let path = crate::deps::cached(&cache, &q.url, &wanted)
+        .await
+        .map_err(|e| ApiError::BadGateway(e.to_string()))?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [(axum::http::header::CONTENT_LENGTH, q.size.to_string())],
+        body,
+    )
+        .into_response())
 }
 
 /// `POST /api/v1/worker/blobs/missing` `[digest, …]`: the ones the hub

@@ -15,9 +15,7 @@
 //! built anywhere without set-up still works (with `rustls-no-provider`
 //! every such client panics unless a process-wide default was installed).
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,45 +244,21 @@ fn generate(dir: &Path, cert: &Path, key: &Path, names: Vec<String>) -> Result<(
         error,
     })?;
     if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+        crate::durable::sync_dir(parent).map_err(|error| TlsError::Write {
+            path: parent.to_owned(),
+            error,
+        })?;
     }
     write_durably(key, key_pair.serialize_pem().as_bytes(), 0o600)?;
     write_durably(cert, generated.pem().as_bytes(), 0o644)?;
     Ok(())
 }
 
-/// temp file → fsync → rename → fsync of the directory: after a crash the
-/// file is either whole or absent.
 fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    let write_err = |p: &Path| {
-        let p = p.to_owned();
-        move |error| TlsError::Write { path: p, error }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(write_err(&tmp))?;
-        f.write_all(bytes).map_err(write_err(&tmp))?;
-        f.sync_all().map_err(write_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(write_err(path))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), TlsError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|error| TlsError::Write {
-            path: dir.to_owned(),
-            error,
-        })
+    crate::durable::write(path, bytes, mode).map_err(|error| TlsError::Write {
+        path: path.to_owned(),
+        error,
+    })
 }
 
 /// Reads a PEM certificate chain (leaf first) and its private key.

@@ -140,7 +140,14 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
     let heartbeat = spawn_heartbeat(hub.clone(), task_id, fence, cancel.clone());
     let limits = hub.config.limits(&leased.task.target);
     let result = match task_target(hub, &leased.build, &leased.task.target) {
-        Ok(target) => execute(hub, slot, worker, &leased, target, limits, cancel.clone()).await,
+        Ok(target) => {
+            let setting = Setting {
+                target,
+                limits,
+                inputs: Inputs::Hub,
+            };
+            execute(hub, slot, worker, &leased, setting, cancel.clone()).await
+        }
         Err(e) => Err(e),
     };
     heartbeat.abort();
@@ -255,6 +262,28 @@ fn spawn_heartbeat(
     })
 }
 
+/// Where a task's buildroot, project repo and Build-Depends come from.
+#[derive(Clone, Copy)]
+pub enum Inputs<'a> {
+    /// The hub's own records, store and mirrors: a local slot.
+    Hub,
+    /// The hub behind a remote worker's client, for task `task` under
+    /// lease `fence`.
+    Remote {
+        client: &'a crate::client::Client,
+        task: crate::model::TaskId,
+        fence: u64,
+    },
+}
+
+/// What a leased task runs under: its target (None for `host`), limits,
+/// and where its inputs come from.
+pub struct Setting<'a> {
+    pub target: Option<crate::model::Target>,
+    pub limits: crate::config::TaskLimits,
+    pub inputs: Inputs<'a>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("preparing the task: {0}")]
@@ -278,10 +307,14 @@ async fn execute(
     slot: u32,
     worker: &str,
     leased: &Leased,
-    target: Option<crate::model::Target>,
-    limits: crate::config::TaskLimits,
+    setting: Setting<'_>,
     cancel: CancellationToken,
 ) -> Result<(TaskEnd, Option<LogWriter>), ExecError> {
+    let Setting {
+        target,
+        limits,
+        inputs,
+    } = setting;
     let task = &leased.task;
     let build = &leased.build;
     let work = hub
@@ -320,19 +353,40 @@ async fn execute(
     let (root, ids) = match target.as_ref().map(|t| t.buildroot.as_str()) {
         None | Some(HOST_TARGET) => (RootSpec::Host, IdMap::for_slot(slot)),
         Some(name) => {
-            let br = hub
-                .db
-                .buildroot(name)
-                .map_err(prep("reading the buildroot"))?
-                .filter(|b| b.ready.is_some())
-                .ok_or_else(|| ExecError::Prepare(format!("buildroot {name} is not ready")))?;
-            log.note(&format!("buildroot {name} (generation {})", br.generation))?;
-            (
-                RootSpec::Overlay {
-                    lower: crate::buildroot::root_path(hub, &br),
-                },
-                crate::buildroot::ids(),
-            )
+            let lower = match inputs {
+                Inputs::Hub => {
+                    let br = hub
+                        .db
+                        .buildroot(name)
+                        .map_err(prep("reading the buildroot"))?
+                        .filter(|b| b.ready.is_some())
+                        .ok_or_else(|| {
+                            ExecError::Prepare(format!("buildroot {name} is not ready"))
+                        })?;
+                    log.note(&format!("buildroot {name} (generation {})", br.generation))?;
+                    crate::buildroot::root_path(hub, &br)
+                }
+                Inputs::Remote { client, .. } => {
+                    let started = std::time::Instant::now();
+                    let (path, ex, fetched) = crate::buildroot::remote_copy(client, hub, name)
+                        .await
+                        .map_err(prep("the hub's buildroot"))?;
+                    let how = match fetched {
+                        true => format!(
+                            "downloaded from the hub ({} MB) and unpacked in {:.1} s",
+                            ex.size >> 20,
+                            started.elapsed().as_secs_f64()
+                        ),
+                        false => "this worker's copy".to_string(),
+                    };
+                    log.note(&format!(
+                        "buildroot {name} (generation {}): {how}",
+                        ex.generation
+                    ))?;
+                    path
+                }
+            };
+            (RootSpec::Overlay { lower }, crate::buildroot::ids())
         }
     };
     let spec = Spec {
@@ -387,7 +441,16 @@ async fn execute(
     };
     let ran = match recipe.kind() {
         crate::model::PackageKind::Deb => {
-            run_deb(hub, &spec, &work, target.as_ref(), tx, run_cancel.clone()).await
+            run_deb(
+                hub,
+                &spec,
+                &work,
+                target.as_ref(),
+                inputs,
+                tx,
+                run_cancel.clone(),
+            )
+            .await
         }
         crate::model::PackageKind::Script => {
             sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await
@@ -487,6 +550,7 @@ async fn run_deb(
     spec: &Spec,
     work: &Path,
     target: Option<&crate::model::Target>,
+    inputs: Inputs<'_>,
     log: std::os::fd::OwnedFd,
     cancel: CancellationToken,
 ) -> Result<sandbox::Outcome, sandbox::SandboxError> {
@@ -499,7 +563,7 @@ async fn run_deb(
     let mut note = std::fs::File::from(dup(&log)?);
     let mut spec = spec.clone();
     let project = match target {
-        Some(t) => project_repo(hub, t, &work.join("project-repo"))
+        Some(t) => project_repo(hub, t, inputs, &work.join("project-repo"))
             .await
             .map_err(prepare("writing the project repo's index"))?,
         None => Default::default(),
@@ -547,7 +611,11 @@ async fn run_deb(
     let list = std::fs::read_to_string(deps_out.join(".kiln-deps")).unwrap_or_default();
     let debs = work.join("debs");
     let cache = crate::deps::cache_dir(hub.data_dir());
-    match crate::deps::fetch(&cache, &debs, &list, &hub.cas, &project).await {
+    let source = match inputs {
+        Inputs::Hub => crate::deps::Source::Mirrors,
+        Inputs::Remote { client, .. } => crate::deps::Source::Hub(client),
+    };
+    match crate::deps::fetch(&cache, &debs, &list, &hub.cas, &project, source).await {
         Ok(s) => {
             let _ = writeln!(note, "kiln: Build-Depends: {s}");
         }
@@ -573,22 +641,40 @@ async fn run_deb(
 async fn project_repo(
     hub: &Arc<Hub>,
     t: &crate::model::Target,
+    inputs: Inputs<'_>,
     dir: &Path,
 ) -> std::io::Result<std::collections::HashMap<String, crate::cas::Digest>> {
-    let debs = hub
-        .db
-        .repo_debs(&t.project, &t.repo)
-        .map_err(std::io::Error::other)?;
-    let debs: Vec<RepoDeb> = debs
-        .into_iter()
-        .filter(|d| d.arch == t.arch || d.arch == "all")
-        .collect();
+    let debs = match inputs {
+        Inputs::Hub => target_repo_debs(hub, t).map_err(std::io::Error::other)?,
+        Inputs::Remote {
+            client,
+            task,
+            fence,
+        } => client
+            .worker_repo(task, fence)
+            .await
+            .map_err(std::io::Error::other)?,
+    };
     if !debs.is_empty() {
         std::fs::create_dir_all(dir)?;
         let index: String = debs.iter().map(|d| d.stanza.as_str()).collect();
         std::fs::write(dir.join("Packages"), index)?;
     }
     Ok(debs.into_iter().map(|d| (d.pool_path, d.digest)).collect())
+}
+
+/// The packages of target `t`'s repo a task on it may build-depend on:
+/// those for its arch, and `all`.
+pub(crate) fn target_repo_debs(
+    hub: &Hub,
+    t: &crate::model::Target,
+) -> Result<Vec<RepoDeb>, DbError> {
+    Ok(hub
+        .db
+        .repo_debs(&t.project, &t.repo)?
+        .into_iter()
+        .filter(|d| d.arch == t.arch || d.arch == "all")
+        .collect())
 }
 
 /// The `.deb`s among a task's artifacts, read and indexed for its repo.
@@ -749,7 +835,16 @@ async fn run_remote_task(
         fence,
         finished.clone(),
     ));
-    let result = execute(local, slot, name, &leased, l.target, l.limits, cancel).await;
+    let setting = Setting {
+        target: l.target,
+        limits: l.limits,
+        inputs: Inputs::Remote {
+            client,
+            task,
+            fence,
+        },
+    };
+    let result = execute(local, slot, name, &leased, setting, cancel).await;
     heartbeat.abort();
     let (end, log) = match result {
         Ok(v) => v,
@@ -909,31 +1004,12 @@ async fn fetch_tree(
     cas: &Cas,
     digest: &crate::cas::Digest,
 ) -> Result<(), RemoteError> {
-    fetch_blob(client, cas, digest).await?;
+    client.fetch_blob(cas, digest).await?;
     for e in cas.get_tree(digest)?.entries {
         if let crate::cas::EntryKind::File { digest, .. } = e.kind {
-            fetch_blob(client, cas, &digest).await?;
+            client.fetch_blob(cas, &digest).await?;
         }
     }
-    Ok(())
-}
-
-async fn fetch_blob(
-    client: &crate::client::Client,
-    cas: &Cas,
-    d: &crate::cas::Digest,
-) -> Result<(), RemoteError> {
-    if cas.contains(d) {
-        return Ok(());
-    }
-    let bytes =
-        client.blob(d, false).await?.bytes().await.map_err(|e| {
-            RemoteError::Io(std::io::Error::other(format!("fetching blob {d}: {e}")))
-        })?;
-    if crate::cas::Digest::of(&bytes) != *d {
-        return Err(RemoteError::Corrupt(*d));
-    }
-    cas.put_bytes(&bytes)?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use crate::harness::*;
 
 const MIRROR: &str = "http://deb.debian.org";
 
-async fn wait_ready(h: &TestHub, name: &str) -> kiln::server::BuildrootView {
+pub(crate) async fn wait_ready(h: &TestHub, name: &str) -> kiln::server::BuildrootView {
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         let b = h.client.buildroot(name).await.unwrap();
@@ -32,6 +32,34 @@ async fn wait_ready(h: &TestHub, name: &str) -> kiln::server::BuildrootView {
         assert!(Instant::now() < deadline, "bootstrap too slow");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A bookworm buildroot named `bookworm` from `mirror` (a proxy's URL).
+pub(crate) fn bookworm(mirror: &str) -> kiln::buildroot::CreateRequest {
+    kiln::buildroot::CreateRequest {
+        name: "bookworm".into(),
+        bootstrap: "debian".into(),
+        suite: "bookworm".into(),
+        mirror: Some(format!("{mirror}/debian")),
+        include: vec![],
+    }
+}
+
+/// Target `deb/bookworm-amd64`: buildroot `bookworm`, repo `bookworm`.
+pub(crate) async fn add_bookworm_target(h: &TestHub) {
+    h.client
+        .add_target(
+            "deb",
+            &TargetRequest {
+                name: "bookworm-amd64".into(),
+                buildroot: "bookworm".into(),
+                arch: "amd64".into(),
+                repo: Some("bookworm".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
 }
 
 /// `hello`'s source tree, unpacked with dpkg-source from `apt-get source`,
@@ -93,6 +121,31 @@ fn chain_package(
     ];
     tree.extend(files.iter().map(|(p, c)| (*p, *c, 0o644)));
     write_tree(dir, &tree);
+}
+
+/// `kiln-chain-a` 1.0: ships `greeting` ("greeting v1").
+pub(crate) fn chain_a(dir: &std::path::Path) {
+    chain_package(
+        dir,
+        "kiln-chain-a",
+        "",
+        &[("greeting", "greeting v1\n")],
+        "greeting usr/share/kiln-chain-a/\n",
+        "",
+    );
+}
+
+/// `kiln-chain-b`: build-depends on kiln-chain-a and ships its greeting
+/// as `/usr/share/kiln-chain-b/from-a`.
+pub(crate) fn chain_b(dir: &std::path::Path) {
+    chain_package(
+        dir,
+        "kiln-chain-b",
+        ", kiln-chain-a",
+        &[],
+        "from-a usr/share/kiln-chain-b/\n",
+        "override_dh_auto_build:\n\tcp /usr/share/kiln-chain-a/greeting from-a\n",
+    );
 }
 
 /// Installs `packages` from the hub's `deb/bookworm` repo with real apt in
@@ -163,7 +216,7 @@ async fn install_and_run(
 }
 
 /// Waits until `deb/bookworm` serves `package`, published.
-async fn wait_published(h: &TestHub, package: &str) {
+pub(crate) async fn wait_published(h: &TestHub, package: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = h.client.repo("deb", "bookworm").await.unwrap();
@@ -187,17 +240,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
     let tmp = tempfile::tempdir().unwrap();
 
     // Bootstrap (the hub's sandbox, host network for this step only).
-    let b = h
-        .client
-        .create_buildroot(&kiln::buildroot::CreateRequest {
-            name: "bookworm".into(),
-            bootstrap: "debian".into(),
-            suite: "bookworm".into(),
-            mirror: Some(format!("{mirror}/debian")),
-            include: vec![],
-        })
-        .await
-        .unwrap();
+    let b = h.client.create_buildroot(&bookworm(&mirror)).await.unwrap();
     assert_eq!(b.buildroot.state, BuildrootState::Creating);
     // A second create of the same name is refused while the first runs.
     let err = h
@@ -217,19 +260,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
     let log = h.client.buildroot_log("bookworm").await.unwrap();
     assert!(log.contains("mmdebstrap") || log.contains("I:"), "{log}");
 
-    h.client
-        .add_target(
-            "deb",
-            &TargetRequest {
-                name: "bookworm-amd64".into(),
-                buildroot: "bookworm".into(),
-                arch: "amd64".into(),
-                repo: Some("bookworm".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    add_bookworm_target(&h).await;
 
     // hello, as `apt-get source` gives it.
     let (src, dsc) = hello_source(&mirror, tmp.path());
@@ -289,14 +320,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
     // project's repo.
     let repos = tmp.path().join("git");
     let a_dir = repos.join("kiln-chain-a");
-    chain_package(
-        &a_dir,
-        "kiln-chain-a",
-        "",
-        &[("greeting", "greeting v1\n")],
-        "greeting usr/share/kiln-chain-a/\n",
-        "",
-    );
+    chain_a(&a_dir);
     let v1 = git_commit_all(&a_dir, "v1");
     let server = GitServer::start(&repos);
     let a = h
@@ -325,14 +349,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
     wait_published(&h, "kiln-chain-a").await;
 
     let b_dir = tmp.path().join("kiln-chain-b");
-    chain_package(
-        &b_dir,
-        "kiln-chain-b",
-        ", kiln-chain-a",
-        &[],
-        "from-a usr/share/kiln-chain-b/\n",
-        "override_dh_auto_build:\n\tcp /usr/share/kiln-chain-a/greeting from-a\n",
-    );
+    chain_b(&b_dir);
     let b = h
         .client
         .submit_dir(&b_dir, Some("deb"), None)

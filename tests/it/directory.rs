@@ -389,3 +389,64 @@ async fn a_lost_task_is_retried_on_another_worker() {
         .unwrap();
     h.stop().await;
 }
+
+/// What workers fetch besides blobs — a buildroot's export, a mirror file
+/// through the hub, a task's project repo — needs a worker credential and
+/// names what is wrong with a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_inputs_need_a_credential_and_refuse_bad_requests() {
+    let mut h = hub(0).await;
+    let anon = Client::new(&h.url(), None);
+    let e = anon.worker_buildroot("bookworm").await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    let e = anon
+        .worker_deb(&[7; 32], "http://127.0.0.1:9/x.deb", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+
+    let e = h.client.worker_buildroot("nope").await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert!(e.to_string().contains("buildroot nope"), "{e}");
+    let e = h
+        .client
+        .worker_deb(&[7; 32], "file:///etc/passwd", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("not an http(s) URL"), "{e}");
+    // A mirror that does not answer: the hub says so, and caches nothing.
+    let e = h
+        .client
+        .worker_deb(&[7; 32], "http://127.0.0.1:9/x.deb", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(502), "{e}");
+    assert!(e.to_string().contains("127.0.0.1:9/x.deb"), "{e}");
+    let cache = kiln::deps::cache_dir(&h.data());
+    assert!(!cache.join(hex::encode([7u8; 32])).exists());
+
+    // A task's repo needs its current fence.
+    let src = script_tree("repo", "true", &[]);
+    h.client.submit_dir(src.path(), None, None).await.unwrap();
+    let l = h
+        .client
+        .worker_lease("w", 5, Some(&info("amd64", 8)))
+        .await
+        .unwrap()
+        .expect("a task");
+    assert!(
+        h.client
+            .worker_repo(l.task.id, l.fence)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let e = h
+        .client
+        .worker_repo(l.task.id, l.fence + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    h.stop().await;
+}

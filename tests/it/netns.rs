@@ -243,3 +243,119 @@ async fn two_workers_in_their_own_network_namespaces() {
     assert!(read(survivor_log).contains("revoked"), "{}", logs());
     h.stop().await;
 }
+
+/// A Debian package built on a remote worker whose namespace reaches
+/// nothing but the hub: the buildroot comes down as one blob (unpacked once
+/// and kept), Build-Depends come through the hub's cache, and a package of
+/// the project's repo is available to the next build's Build-Depends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_package_builds_on_a_worker_that_reaches_only_the_hub() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let (mirror, requests) = crate::apt::counting_proxy("http://deb.debian.org").await;
+    let mut h = hub_with(0, |c| {
+        c.server.tls_listen = Some("0.0.0.0:0".parse().unwrap());
+    })
+    .await;
+    let port = h.running.as_ref().unwrap().tls_addr.unwrap().port();
+    use crate::debian::{add_bookworm_target, bookworm, chain_a, chain_b};
+    h.client.create_buildroot(&bookworm(&mirror)).await.unwrap();
+    crate::debian::wait_ready(&h, "bookworm").await;
+    add_bookworm_target(&h).await;
+
+    let ns = Netns::new(3);
+    // Nothing but the pair: no default route out of the namespace.
+    let routes = Command::new("ip")
+        .args(["-n", &ns.name, "route"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&routes.stdout).contains("default"));
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("d3"), dir.path().join("w3.log"));
+    let token = h.client.create_worker_token("w3").await.unwrap().token;
+    let mut worker = ns.worker(port, &token, "w3", &data, &log);
+    let logs = || read(&log);
+
+    let src = dir.path().join("src");
+    chain_a(&src.join("a"));
+    let a = h
+        .client
+        .submit_dir(&src.join("a"), Some("deb"), None)
+        .await
+        .unwrap();
+    let v = h.client.wait(a.id, Duration::from_secs(900)).await.unwrap();
+    let build_log = h.client.log_text(a.id).await.unwrap();
+    assert_eq!(
+        v.detail.build.state,
+        BuildState::Succeeded,
+        "{build_log}\nworker:\n{}",
+        logs()
+    );
+    assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w3"));
+    assert!(
+        build_log.contains("buildroot bookworm (generation 1): downloaded from the hub"),
+        "{build_log}"
+    );
+    assert!(build_log.contains("downloaded ("), "{build_log}");
+    let arts = h.client.artifacts(a.id).await.unwrap();
+    assert!(
+        arts.iter()
+            .any(|a| a.path.ends_with("kiln-chain-a_1.0_all.deb")),
+        "{arts:?}"
+    );
+    let copies = || {
+        std::fs::read_dir(data.join("buildroots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("bookworm@"))
+            .count()
+    };
+    assert_eq!(copies(), 1);
+
+    // kiln-chain-b build-depends on kiln-chain-a, which only the project's
+    // repo has; its Build-Depends are otherwise the same, so the worker's
+    // cache and its copy of the buildroot serve, and no mirror is asked
+    // for a .deb again.
+    let mirror_debs = || {
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.ends_with(".deb"))
+            .count()
+    };
+    let debs_before = mirror_debs();
+    crate::debian::wait_published(&h, "kiln-chain-a").await;
+    chain_b(&src.join("b"));
+    let b = h
+        .client
+        .submit_dir(&src.join("b"), Some("deb"), None)
+        .await
+        .unwrap();
+    let v = h.client.wait(b.id, Duration::from_secs(900)).await.unwrap();
+    let build_log = h.client.log_text(b.id).await.unwrap();
+    assert_eq!(
+        v.detail.build.state,
+        BuildState::Succeeded,
+        "{build_log}\nworker:\n{}",
+        logs()
+    );
+    assert!(
+        build_log.contains("buildroot bookworm (generation 1): this worker's copy"),
+        "{build_log}"
+    );
+    assert!(
+        build_log.contains("0 downloaded (0 bytes)")
+            && build_log.contains("1 from the project's repo")
+            && build_log.contains("Setting up kiln-chain-a (1.0)"),
+        "{build_log}"
+    );
+    assert_eq!(mirror_debs(), debs_before);
+    assert_eq!(copies(), 1);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    h.stop().await;
+}
