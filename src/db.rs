@@ -240,6 +240,9 @@ pub struct Db {
     /// Ends waiting for the next group commit, and who commits them.
     ends: std::sync::Mutex<Vec<PendingEnd>>,
     end_leader: std::sync::Mutex<()>,
+    /// Lease requests waiting for the next grant batch, and who grants them.
+    leases: std::sync::Mutex<Vec<PendingLease>>,
+    lease_leader: std::sync::Mutex<()>,
     /// Set by commits made without a sync since the last `sync`.
     volatile: std::sync::atomic::AtomicBool,
 }
@@ -295,6 +298,8 @@ impl Db {
             db,
             ends: Default::default(),
             end_leader: Default::default(),
+            leases: Default::default(),
+            lease_leader: Default::default(),
             volatile: Default::default(),
         })
     }
@@ -539,55 +544,84 @@ impl Db {
 
     /// [`Db::lease_next`] among the tasks whose needs `runs` accepts (the
     /// worker's arch, features and resources).
+    ///
+    /// Group grant: requests that arrive while a batch is being granted
+    /// wait, and the next caller grants them all in one transaction (in
+    /// arrival order, each seeing the grants before it, so fair share holds
+    /// within a batch). With many workers asking at once this is one commit
+    /// and one wait for the writer per batch instead of per lease.
     pub fn lease_next_where(
         &self,
         worker: &str,
         lease_ms: i64,
-        runs: Option<&dyn Fn(&Needs) -> bool>,
+        runs: Option<Runs>,
     ) -> Result<Option<Leased>> {
         // Idle workers all wake on every change: an empty queue must not
         // make them queue up for the one writer.
         if self.queue_len()? == 0 {
             return Ok(None);
         }
-        let now = now_ms();
-        let tx = begin_volatile(self)?;
-        let leased = {
-            let Some((project, rank, tid)) = fair_head(&tx, worker, now, runs)? else {
-                return Ok(None);
-            };
-            tx.open_table(TASK_AVOID)?.remove(tid)?;
-            tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
-            tx.open_table(QUEUE_LANES)?
-                .remove((project.as_str(), rank))?;
-            tx.open_table(RUNNING)?.insert(tid, project.as_str())?;
-            let mut meta = tx.open_table(META)?;
-            let mut tasks = tx.open_table(TASKS)?;
-            let mut builds = tx.open_table(BUILDS)?;
-            let mut task: Task = get_rec(&tasks, tid)?.ok_or(DbError::TaskNotFound(tid))?;
-            let fence = bump(&mut meta, K_NEXT_FENCE, 1)?;
-            tx.open_table(LAST_SERVED)?
-                .insert(project.as_str(), fence)?;
-            task.state = BuildState::Running;
-            task.lease = Some(Lease {
-                worker: worker.to_string(),
-                fence,
-                expires: now + lease_ms,
-            });
-            task.worker = Some(worker.to_string());
-            task.started = Some(now);
-            tasks.insert(tid, enc(&task).as_slice())?;
-            let mut build: Build =
-                get_rec(&builds, task.build)?.ok_or(DbError::BuildNotFound(task.build))?;
-            if build.state == BuildState::Queued {
-                build.state = BuildState::Running;
-                build.started.get_or_insert(now);
-                builds.insert(build.id, enc(&build).as_slice())?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        lock(&self.leases).push(PendingLease {
+            worker: worker.to_string(),
+            lease_ms,
+            runs,
+            reply,
+        });
+        let leader = lock(&self.lease_leader);
+        if let Ok(r) = answer.try_recv() {
+            return r;
+        }
+        let batch = std::mem::take(&mut *lock(&self.leases));
+        self.grant_leases(batch);
+        drop(leader);
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(DbError::Redb("the lease request was dropped".into())))
+    }
+
+    /// Grants a batch of lease requests in one transaction without a sync.
+    /// An error fails the whole batch (nothing of it is committed).
+    fn grant_leases(&self, batch: Vec<PendingLease>) {
+        if batch.is_empty() {
+            return;
+        }
+        let granted = (|| -> Result<Vec<Option<Leased>>> {
+            let now = now_ms();
+            let tx = begin_volatile(self)?;
+            let mut running: std::collections::HashMap<String, usize> = Default::default();
+            for row in tx.open_table(RUNNING)?.iter()? {
+                let (_, p) = row?;
+                *running.entry(p.value().to_string()).or_default() += 1;
             }
-            Leased { task, build, fence }
-        };
-        tx.commit()?;
-        Ok(Some(leased))
+            let mut out = Vec::with_capacity(batch.len());
+            for p in &batch {
+                let l = grant_one(
+                    &tx,
+                    &mut running,
+                    &p.worker,
+                    now,
+                    p.lease_ms,
+                    p.runs.as_deref(),
+                )?;
+                out.push(l);
+            }
+            tx.commit()?;
+            Ok(out)
+        })();
+        match granted {
+            Ok(out) => {
+                for (p, l) in batch.into_iter().zip(out) {
+                    let _ = p.reply.send(Ok(l));
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                for p in batch {
+                    let _ = p.reply.send(Err(DbError::Redb(why.clone())));
+                }
+            }
+        }
     }
 
     /// Running tasks whose lease ran out before `now`: `(task, fence, worker)`.
@@ -1299,17 +1333,69 @@ fn lane_heads(
 /// Fair share: among the lanes' heads of the highest priority, the one
 /// whose project has the fewest running tasks; among equals, the project
 /// served longest ago (never first), then the task queued first.
-fn fair_head(
+/// A worker's test of a task's needs.
+pub type Runs = std::sync::Arc<dyn Fn(&Needs) -> bool + Send + Sync>;
+
+/// A lease request waiting for its batch.
+struct PendingLease {
+    worker: String,
+    lease_ms: i64,
+    runs: Option<Runs>,
+    reply: std::sync::mpsc::Sender<Result<Option<Leased>>>,
+}
+
+/// Leases the fair-share head `worker` can run, within `tx`; `running`
+/// (tasks running per project) is kept up to date for the next grant.
+fn grant_one(
     tx: &redb::WriteTransaction,
+    running: &mut std::collections::HashMap<String, usize>,
     worker: &str,
     now: i64,
-    runs: Option<&dyn Fn(&Needs) -> bool>,
-) -> Result<Option<(String, u64, u64)>> {
-    let mut running: std::collections::HashMap<String, usize> = Default::default();
-    for row in tx.open_table(RUNNING)?.iter()? {
-        let (_, p) = row?;
-        *running.entry(p.value().to_string()).or_default() += 1;
+    lease_ms: i64,
+    runs: Option<&(dyn Fn(&Needs) -> bool + Send + Sync)>,
+) -> Result<Option<Leased>> {
+    let Some((project, rank, tid)) = fair_head(tx, running, worker, now, runs)? else {
+        return Ok(None);
+    };
+    tx.open_table(TASK_AVOID)?.remove(tid)?;
+    tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
+    tx.open_table(QUEUE_LANES)?
+        .remove((project.as_str(), rank))?;
+    tx.open_table(RUNNING)?.insert(tid, project.as_str())?;
+    *running.entry(project.clone()).or_default() += 1;
+    let mut meta = tx.open_table(META)?;
+    let mut tasks = tx.open_table(TASKS)?;
+    let mut builds = tx.open_table(BUILDS)?;
+    let mut task: Task = get_rec(&tasks, tid)?.ok_or(DbError::TaskNotFound(tid))?;
+    let fence = bump(&mut meta, K_NEXT_FENCE, 1)?;
+    tx.open_table(LAST_SERVED)?
+        .insert(project.as_str(), fence)?;
+    task.state = BuildState::Running;
+    task.lease = Some(Lease {
+        worker: worker.to_string(),
+        fence,
+        expires: now + lease_ms,
+    });
+    task.worker = Some(worker.to_string());
+    task.started = Some(now);
+    tasks.insert(tid, enc(&task).as_slice())?;
+    let mut build: Build =
+        get_rec(&builds, task.build)?.ok_or(DbError::BuildNotFound(task.build))?;
+    if build.state == BuildState::Queued {
+        build.state = BuildState::Running;
+        build.started.get_or_insert(now);
+        builds.insert(build.id, enc(&build).as_slice())?;
     }
+    Ok(Some(Leased { task, build, fence }))
+}
+
+fn fair_head(
+    tx: &redb::WriteTransaction,
+    running: &std::collections::HashMap<String, usize>,
+    worker: &str,
+    now: i64,
+    runs: Option<&(dyn Fn(&Needs) -> bool + Send + Sync)>,
+) -> Result<Option<(String, u64, u64)>> {
     let lanes = tx.open_table(QUEUE_LANES)?;
     let mut heads = lane_heads(&lanes)?;
     let avoid = tx.open_table(TASK_AVOID)?;
@@ -1583,6 +1669,43 @@ mod tests {
             None,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn concurrent_lease_requests_each_get_their_own_task_and_fence() {
+        let (_dir, db) = db();
+        let db = std::sync::Arc::new(db);
+        let mut want: Vec<TaskId> = (0..48)
+            .map(|i| submit_to(&db, if i % 4 == 0 { "b" } else { "a" }).tasks[0])
+            .collect();
+        // 12 threads ask at once, 5 times each: grants are batched, yet
+        // every task goes to exactly one of them, once.
+        let got: Vec<Leased> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..12)
+                .map(|w| {
+                    let db = db.clone();
+                    s.spawn(move || {
+                        (0..5)
+                            .filter_map(|_| db.lease_next(&format!("w{w}"), 60_000).unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got.len(), 48);
+        let mut tasks: Vec<TaskId> = got.iter().map(|l| l.task.id).collect();
+        tasks.sort();
+        want.sort();
+        assert_eq!(tasks, want);
+        let fences: std::collections::BTreeSet<u64> = got.iter().map(|l| l.fence).collect();
+        assert_eq!(fences.len(), 48);
+        for l in &got {
+            let t = db.task(l.task.id).unwrap();
+            assert_eq!(t.state, BuildState::Running);
+            assert_eq!(t.lease.unwrap().fence, l.fence);
+        }
+        assert_eq!(db.queue_len().unwrap(), 0);
     }
 
     #[test]

@@ -250,11 +250,11 @@ async fn lease(
         deferred = false;
         let leased = if enabled {
             tokio::task::spawn_blocking(move || {
-                let runs = |n: &Needs| match &info {
+                let runs: crate::db::Runs = std::sync::Arc::new(move |n: &Needs| match &info {
                     Some(i) => i.unmet(n).is_none(),
                     None => *n == Needs::default(),
-                };
-                Ok::<_, ApiError>(h.db.lease_next_where(&name, lease_ms, Some(&runs))?)
+                });
+                Ok::<_, ApiError>(h.db.lease_next_where(&name, lease_ms, Some(runs))?)
             })
             .await??
         } else {

@@ -115,8 +115,9 @@ pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, HubError> {
         return Ok(None);
     }
     let lease_ms = hub.config.build.lease_ms();
-    let runs = |n: &Needs| hub.local_info.unmet(n).is_none();
-    let leased = hub.db.lease_next_where(worker, lease_ms, Some(&runs))?;
+    let h = hub.clone();
+    let runs: crate::db::Runs = Arc::new(move |n: &Needs| h.local_info.unmet(n).is_none());
+    let leased = hub.db.lease_next_where(worker, lease_ms, Some(runs))?;
     if leased.is_some() {
         hub.changed();
     }
