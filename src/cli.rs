@@ -512,6 +512,38 @@ pub async fn artifact_get(
     Ok(())
 }
 
+/// A password from standard input: asked for without echo on a terminal,
+/// else the first line.
+pub fn read_password(prompt: &str) -> anyhow::Result<String> {
+    use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let saved = if tty {
+        eprint!("{prompt}");
+        let _ = std::io::stderr().flush();
+        let saved = tcgetattr(&stdin)?;
+        let mut quiet = saved.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        tcsetattr(&stdin, SetArg::TCSANOW, &quiet)?;
+        Some(saved)
+    } else {
+        None
+    };
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(saved) = saved {
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &saved);
+        eprintln!();
+    }
+    read?;
+    let pw = line.trim_end_matches(['\n', '\r']).to_string();
+    if pw.is_empty() {
+        bail!("no password given on standard input");
+    }
+    Ok(pw)
+}
+
 pub async fn token_create(client: &Client, name: &str, admin: bool) -> anyhow::Result<()> {
     let t = client.create_token(name, admin).await?;
     println!("{}", t.token);

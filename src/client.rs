@@ -782,6 +782,28 @@ impl Client {
         self.send(rb).await
     }
 
+    /// Adds a web user (admin).
+    pub async fn add_user(
+        &self,
+        name: &str,
+        password: &str,
+        admin: bool,
+    ) -> Result<crate::server::UserView> {
+        self.json(self.req(reqwest::Method::POST, "/api/v1/users").json(
+            &crate::server::UserRequest {
+                name: name.to_string(),
+                password: password.to_string(),
+                admin,
+            },
+        ))
+        .await
+    }
+
+    pub async fn users(&self) -> Result<Vec<crate::server::UserView>> {
+        self.json(self.req(reqwest::Method::GET, "/api/v1/users"))
+            .await
+    }
+
     pub async fn create_token(&self, name: &str, admin: bool) -> Result<TokenCreated> {
         let rb = self
             .req(reqwest::Method::POST, "/api/v1/tokens")

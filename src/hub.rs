@@ -84,6 +84,8 @@ pub struct Hub {
     /// Held by a buildroot export (hub) or a copy's download and unpack
     /// (remote worker): one at a time, and a second asker reuses the first's.
     pub(crate) root_jobs: tokio::sync::Mutex<()>,
+    /// Failed web logins per address.
+    pub logins: crate::accounts::LoginLimiter,
 }
 
 /// A worker as the hub knows it between directory writes.
@@ -168,6 +170,7 @@ impl Hub {
             tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
             tls_config: tls.map(|t| t.config),
             root_jobs: Default::default(),
+            logins: Default::default(),
         });
         hub.ensure_admin_token()?;
         if hub.config.build.slots > 0 {

@@ -5,6 +5,7 @@
 //! `start` builds the hub and returns its bound address; `main.rs` only
 //! parses arguments and dispatches to `cli`.
 
+pub mod accounts;
 pub mod buildroot;
 pub mod cas;
 pub mod cli;

@@ -47,6 +47,9 @@ enum Cmd {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Web accounts: `kiln user add --admin NAME` makes the first admin.
+    #[command(subcommand)]
+    User(UserCmd),
     /// Stop or re-run single tasks (admin).
     #[command(subcommand)]
     Task(TaskCmd),
@@ -291,6 +294,20 @@ enum TaskCmd {
 }
 
 #[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user who logs in to the web UI; the password is read from
+    /// standard input (asked for, without echo, on a terminal).
+    Add {
+        name: String,
+        /// May do everything: workers, buildroots, users, the audit log.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users.
+    List,
+}
+
+#[derive(Subcommand)]
 enum TokenCmd {
     /// Create a token and print it (shown once).
     Create {
@@ -455,6 +472,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 TaskCmd::Requeue { id } => (id, client().requeue_task(*id).await?),
             };
             println!("task {id}: build {} {}", b.id, b.state);
+        }
+        Cmd::User(UserCmd::Add { name, admin }) => {
+            let password = kiln::cli::read_password(&format!("password for {name}: "))?;
+            let u = client().add_user(name, &password, *admin).await?;
+            println!(
+                "added user {}{}",
+                u.name,
+                if u.admin { " (admin)" } else { "" }
+            );
+        }
+        Cmd::User(UserCmd::List) => {
+            for u in client().users().await? {
+                println!("{}\t{}", u.name, if u.admin { "admin" } else { "" });
+            }
         }
         Cmd::Token(TokenCmd::Create { name, admin }) => {
             kiln::cli::token_create(&client(), name, *admin).await?

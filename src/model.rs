@@ -329,3 +329,64 @@ pub enum BuildrootState {
     /// The last create/import failed (nothing of it is left on disk).
     Failed(String),
 }
+
+/// A person who logs in to the web UI; may hold API tokens of their own.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    /// argon2id, PHC string format (never shown).
+    pub password: String,
+    /// May do everything (workers, buildroots, users, the audit log).
+    pub admin: bool,
+    pub created: i64,
+}
+
+/// What a user may do in one project (admins may do everything anywhere).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectRole {
+    /// Submit, rebuild, cancel and re-queue the project's builds.
+    Member,
+    /// A member who also manages the project's members.
+    Owner,
+}
+
+impl ProjectRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectRole::Member => "member",
+            ProjectRole::Owner => "owner",
+        }
+    }
+}
+
+/// A logged-in browser: the cookie's secret is stored only hashed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub user: String,
+    /// What every form of this session must send back (CSRF).
+    pub csrf: String,
+    pub created: i64,
+    pub expires: i64,
+}
+
+/// An API token a user made for themself; it acts as that user.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct UserToken {
+    pub user: String,
+    pub label: String,
+    pub created: i64,
+}
+
+/// One mutating request, as the audit log keeps it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: i64,
+    /// `user NAME`, `token NAME` or `anonymous`.
+    pub who: String,
+    /// `POST /builds/12/cancel`.
+    pub action: String,
+    /// The HTTP status it got.
+    pub status: u16,
+}

@@ -36,35 +36,60 @@ use crate::workers::{
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// The routes; blob uploads may be as large as a source upload.
-pub fn routes(max_blob_bytes: u64) -> axum::Router<Arc<Hub>> {
+pub(crate) fn routes(max_blob_bytes: u64) -> crate::web::Routes {
+    use axum::http::Method;
     let blob_limit = usize::try_from(max_blob_bytes).unwrap_or(usize::MAX);
-    axum::Router::new()
-        .route("/api/v1/worker/lease", post(lease))
-        .route("/api/v1/worker/whoami", get(whoami))
-        .route("/api/v1/worker/binary", get(binary))
-        .route("/api/v1/worker/tasks/{id}/heartbeat", post(heartbeat))
-        .route("/api/v1/worker/tasks/{id}/end", post(end))
+    crate::web::Routes::new()
+        .route("/api/v1/worker/lease", &[Method::POST], post(lease))
+        .route("/api/v1/worker/whoami", &[Method::GET], get(whoami))
+        .route("/api/v1/worker/binary", &[Method::GET], get(binary))
+        .route(
+            "/api/v1/worker/tasks/{id}/heartbeat",
+            &[Method::POST],
+            post(heartbeat),
+        )
+        .route("/api/v1/worker/tasks/{id}/end", &[Method::POST], post(end))
         .route(
             "/api/v1/worker/tasks/{id}/log",
+            &[Method::POST],
             post(live_log).layer(axum::extract::DefaultBodyLimit::disable()),
         )
-        .route("/api/v1/worker/tasks/{id}/repo", get(task_repo))
-        .route("/api/v1/worker/buildroots/{name}", get(buildroot_export))
-        .route("/api/v1/worker/debs/{hex}", get(deb))
-        .route("/api/v1/worker/blobs/missing", post(missing))
+        .route(
+            "/api/v1/worker/tasks/{id}/repo",
+            &[Method::GET],
+            get(task_repo),
+        )
+        .route(
+            "/api/v1/worker/buildroots/{name}",
+            &[Method::GET],
+            get(buildroot_export),
+        )
+        .route("/api/v1/worker/debs/{hex}", &[Method::GET], get(deb))
+        .route(
+            "/api/v1/worker/blobs/missing",
+            &[Method::POST],
+            post(missing),
+        )
         .route(
             "/api/v1/worker/blobs/{hex}",
+            &[Method::PUT],
             put(upload).layer(axum::extract::DefaultBodyLimit::max(blob_limit)),
         )
-        .route("/api/v1/workers", get(list_workers))
-        .route("/api/v1/workers/{name}", get(show_worker))
-        .route("/api/v1/workers/{name}/{action}", post(set_worker))
+        .route("/api/v1/workers", &[Method::GET], get(list_workers))
+        .route("/api/v1/workers/{name}", &[Method::GET], get(show_worker))
+        .route(
+            "/api/v1/workers/{name}/{action}",
+            &[Method::POST],
+            post(set_worker),
+        )
         .route(
             "/api/v1/worker-tokens",
+            &[Method::GET, Method::POST],
             get(list_worker_tokens).post(create_worker_token),
         )
         .route(
             "/api/v1/worker-tokens/{name}",
+            &[Method::DELETE],
             axum::routing::delete(revoke_worker_token),
         )
 }

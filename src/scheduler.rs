@@ -108,6 +108,27 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
     Ok(build)
 }
 
+/// Queues build `of` again: the same source tree, targets and origin, as
+/// a new build submitted by `by`.
+pub fn rebuild(hub: &Hub, of: crate::model::BuildId, by: &str) -> Result<Build, SubmitError> {
+    let d = hub.db.build_detail(of)?;
+    let targets: Vec<&str> = d.task_list.iter().map(|t| t.target.as_str()).collect();
+    let b = &d.build;
+    let build = hub.db.create_build(
+        &b.project,
+        &b.package,
+        b.kind,
+        b.source,
+        b.source_date_epoch,
+        by,
+        &targets,
+        d.origin.as_ref(),
+    )?;
+    hub.queued.notify_waiters();
+    hub.changed();
+    Ok(build)
+}
+
 /// Leases the next queued task the hub's own slots can run (`worker` is
 /// `local`), unless an admin drained or disabled them.
 pub fn lease(hub: &Arc<Hub>, worker: &str) -> Result<Option<Leased>, HubError> {

@@ -20,12 +20,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::accounts::Principal;
 use crate::cas::{CasError, Digest};
 use crate::db::DbError;
 use crate::hub::{Hub, HubError};
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, DEFAULT_PROJECT, Repo, RepoDeb, Target,
-    Token,
 };
 use crate::scheduler::{Submission, SubmitError};
 
@@ -48,6 +48,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
+    /// Too many attempts (failed logins).
+    #[error("{0}")]
+    TooMany(String),
     /// Something the hub fetched for the caller failed (a mirror).
     #[error("{0}")]
     BadGateway(String),
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,7 +168,7 @@ impl From<tokio::task::JoinError> for ApiError {
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-fn bearer(parts: &Parts) -> Option<&str> {
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     parts
         .headers
         .get(header::AUTHORIZATION)?
@@ -174,14 +178,15 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .map(str::trim)
 }
 
-/// A request carrying a valid token: required by every mutating route.
-pub struct Caller(pub Token);
+/// A request carrying a valid token (a service or admin token, or a
+/// user's): required by every mutating API route.
+pub struct Caller(pub Principal);
 
 impl FromRequestParts<Arc<Hub>> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> ApiResult<Self> {
         let secret = bearer(parts).ok_or(ApiError::Unauthorized)?;
-        hub.check_token(secret)?
+        crate::accounts::principal_of_token(hub, secret)?
             .map(Caller)
             .ok_or(ApiError::Unauthorized)
     }
@@ -241,43 +246,108 @@ impl FromRequestParts<Arc<Hub>> for Reader {
 }
 
 pub fn router(hub: Arc<Hub>) -> axum::Router {
-    axum::Router::new()
-        .route("/api/v1/health", get(health))
-        .route("/api/v1/builds", get(list_builds).post(submit_build))
-        .route("/api/v1/builds/{id}", get(get_build))
-        .route("/api/v1/builds/{id}/log", get(build_log))
-        .route("/api/v1/builds/{id}/artifacts", get(list_artifacts))
-        .route("/api/v1/builds/{id}/artifacts/{*path}", get(get_artifact))
-        .route("/api/v1/builds/{id}/cancel", post(cancel_build))
-        .route("/api/v1/builds/{id}/priority", post(set_priority))
-        .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
-        .route("/api/v1/tasks/{id}/requeue", post(requeue_task))
-        .route("/api/v1/tokens", post(create_token))
+    let (router, _) = routes(hub.config.server.max_upload_bytes).into_parts();
+    router
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            crate::web::audit,
+        ))
+        .with_state(hub)
+}
+
+/// Every route: the API, the repos and blobs, the pages and forms, the
+/// worker protocol.
+pub(crate) fn routes(max_upload_bytes: u64) -> crate::web::Routes {
+    use axum::http::Method;
+    crate::web::Routes::new()
+        .route("/api/v1/health", &[Method::GET], get(health))
+        .route(
+            "/api/v1/builds",
+            &[Method::GET, Method::POST],
+            get(list_builds).post(submit_build),
+        )
+        .route("/api/v1/builds/{id}", &[Method::GET], get(get_build))
+        .route("/api/v1/builds/{id}/log", &[Method::GET], get(build_log))
+        .route(
+            "/api/v1/builds/{id}/artifacts",
+            &[Method::GET],
+            get(list_artifacts),
+        )
+        .route(
+            "/api/v1/builds/{id}/artifacts/{*path}",
+            &[Method::GET],
+            get(get_artifact),
+        )
+        .route(
+            "/api/v1/builds/{id}/cancel",
+            &[Method::POST],
+            post(cancel_build),
+        )
+        .route(
+            "/api/v1/builds/{id}/priority",
+            &[Method::POST],
+            post(set_priority),
+        )
+        .route(
+            "/api/v1/tasks/{id}/cancel",
+            &[Method::POST],
+            post(cancel_task),
+        )
+        .route(
+            "/api/v1/tasks/{id}/requeue",
+            &[Method::POST],
+            post(requeue_task),
+        )
+        .route("/api/v1/tokens", &[Method::POST], post(create_token))
+        .route(
+            "/api/v1/users",
+            &[Method::GET, Method::POST],
+            get(list_users).post(add_user),
+        )
         .route(
             "/api/v1/projects/{project}/targets",
+            &[Method::GET, Method::POST],
             get(list_targets).post(add_target),
         )
-        .route("/api/v1/projects/{project}/repos/{repo}", get(get_repo))
+        .route(
+            "/api/v1/projects/{project}/repos/{repo}",
+            &[Method::GET],
+            get(get_repo),
+        )
         .route(
             "/api/v1/buildroots",
+            &[Method::GET, Method::POST],
             get(list_buildroots).post(create_buildroot),
         )
         .route(
             "/api/v1/buildroots/{name}",
+            &[Method::GET, Method::DELETE],
             get(get_buildroot).delete(delete_buildroot),
         )
-        .route("/api/v1/buildroots/{name}/log", get(buildroot_log))
-        .route("/api/v1/buildroots/{name}/refresh", post(refresh_buildroot))
+        .route(
+            "/api/v1/buildroots/{name}/log",
+            &[Method::GET],
+            get(buildroot_log),
+        )
+        .route(
+            "/api/v1/buildroots/{name}/refresh",
+            &[Method::POST],
+            post(refresh_buildroot),
+        )
         .route(
             "/api/v1/buildroots/{name}/import",
+            &[Method::PUT],
             axum::routing::put(import_buildroot),
         )
-        .route("/repos/{project}/key.asc", get(repo_key))
-        .route("/repos/{project}/{repo}/{*path}", get(repo_file))
-        .route("/cas/sha256/{hex}", get(get_blob))
+        .route("/repos/{project}/key.asc", &[Method::GET], get(repo_key))
+        .route(
+            "/repos/{project}/{repo}/{*path}",
+            &[Method::GET],
+            get(repo_file),
+        )
+        .route("/cas/sha256/{hex}", &[Method::GET], get(get_blob))
         .merge(crate::web::routes())
-        .merge(crate::remote::routes(hub.config.server.max_upload_bytes))
-        .with_state(hub)
+        .merge(crate::remote::routes(max_upload_bytes))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -349,12 +419,10 @@ async fn cancel_task(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Build>> {
-    require_admin(&caller, "cancel tasks")?;
-    Ok(Json(crate::worker::stop_task(
-        &hub,
-        parse_task_id(&id)?,
-        false,
-    )?))
+    let id = parse_task_id(&id)?;
+    let project = hub.db.build(hub.db.task(id)?.build)?.project;
+    require_steer(&hub, &caller, &project, "cancel tasks")?;
+    Ok(Json(crate::worker::stop_task(&hub, id, false)?))
 }
 
 /// `POST /api/v1/tasks/ID/requeue` (admin): a running task is stopped and
@@ -364,12 +432,10 @@ async fn requeue_task(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Build>> {
-    require_admin(&caller, "re-queue tasks")?;
-    Ok(Json(crate::worker::stop_task(
-        &hub,
-        parse_task_id(&id)?,
-        true,
-    )?))
+    let id = parse_task_id(&id)?;
+    let project = hub.db.build(hub.db.task(id)?.build)?.project;
+    require_steer(&hub, &caller, &project, "re-queue tasks")?;
+    Ok(Json(crate::worker::stop_task(&hub, id, true)?))
 }
 
 /// `POST /api/v1/builds/ID/cancel` (admin): cancels every task of the build
@@ -379,13 +445,18 @@ async fn cancel_build(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Build>> {
-    require_admin(&caller, "cancel builds")?;
     let detail = hub.db.build_detail(parse_id(&id)?)?;
+    require_steer(&hub, &caller, &detail.build.project, "cancel builds")?;
+    Ok(Json(cancel_all(&hub, &detail)?))
+}
+
+/// Cancels every task of a build that has not ended.
+pub(crate) fn cancel_all(hub: &Hub, detail: &crate::model::BuildDetail) -> ApiResult<Build> {
     let mut build = detail.build.clone();
     for t in detail.task_list.iter().filter(|t| !t.state.is_finished()) {
-        build = crate::worker::stop_task(&hub, t.id, false)?;
+        build = crate::worker::stop_task(hub, t.id, false)?;
     }
-    Ok(Json(build))
+    Ok(build)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -437,65 +508,124 @@ pub struct SubmitQuery {
 /// `POST /api/v1/builds?project=P&package=N` with a tar stream of the source
 /// tree as the body, or `?git=URL&ref=REF` and no body.
 async fn submit_build(
-    Caller(token): Caller,
+    Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     Query(q): Query<SubmitQuery>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Build>)> {
     use futures_util::TryStreamExt;
+    let targets = q
+        .targets
+        .as_deref()
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let source = match q.git {
+        Some(url) => SourceIn::Git {
+            url,
+            git_ref: q.git_ref,
+        },
+        None => SourceIn::Tar(Box::new(tokio_util::io::StreamReader::new(
+            body.into_data_stream().map_err(std::io::Error::other),
+        ))),
+    };
+    let project = q.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string());
+    let build = submit_source(&hub, &caller, project, q.package, targets, source).await?;
+    Ok((StatusCode::CREATED, Json(build)))
+}
+
+/// Where a submission's source comes from.
+pub(crate) enum SourceIn {
+    /// A tar stream of the tree (plain, or gzip-compressed).
+    Tar(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    /// A git URL and ref (default `HEAD`), pinned to its commit now.
+    Git {
+        url: String,
+        git_ref: Option<String>,
+    },
+}
+
+/// A submission from the API or a web form: checks the caller may build in
+/// `project`, stores the source, queues the build; a user who creates a
+/// project by submitting to it becomes its owner.
+pub(crate) async fn submit_source(
+    hub: &Arc<Hub>,
+    caller: &Principal,
+    project: String,
+    package: Option<String>,
+    targets: Vec<String>,
+    source: SourceIn,
+) -> ApiResult<Build> {
+    require_build(hub, caller, &project)?;
     let max = hub.config.server.max_upload_bytes;
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let mut reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let mut sub = Submission {
-        project: q.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string()),
-        package: q.package,
-        submitted_by: token.name,
-        targets: q
-            .targets
-            .as_deref()
-            .map(|t| {
-                t.split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default(),
+        project,
+        package,
+        submitted_by: caller.name(),
+        targets,
         origin: None,
     };
-    if let Some(url) = q.git {
-        // The source is the commit the ref names now; the body is ignored.
-        let git_ref = q.git_ref.unwrap_or_else(|| "HEAD".into());
-        let fetched = crate::gitsrc::fetch(&url, &git_ref, &hub.work_dir())
-            .await
-            .map_err(SubmitError::from)?;
-        if sub.package.is_none() {
-            sub.package = url
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .map(|n| n.trim_end_matches(".git").to_string());
-        }
-        sub.origin = Some(fetched.origin.clone());
-        let h = hub.clone();
-        let build = tokio::task::spawn_blocking(move || {
-            let mut f = std::fs::File::open(&fetched.tar).map_err(crate::gitsrc::GitError::Io)?;
-            let pending = h.cas.ingest_tar(&mut f, max)?;
-            crate::scheduler::submit(&h, sub, pending)
-        })
-        .await??;
-        return Ok((StatusCode::CREATED, Json(build)));
-    }
     let h = hub.clone();
-    let build = tokio::task::spawn_blocking(move || {
-        let res = h.cas.ingest_tar(&mut reader, max);
-        // Read what the client still sends (bounded) so it sees our answer
-        // rather than a reset connection.
-        let _ = std::io::copy(&mut (&mut reader).take(64 << 20), &mut std::io::sink());
-        crate::scheduler::submit(&h, sub, res?)
-    })
-    .await??;
-    Ok((StatusCode::CREATED, Json(build)))
+    let build = match source {
+        SourceIn::Git { url, git_ref } => {
+            // The source is the commit the ref names now.
+            let git_ref = git_ref.unwrap_or_else(|| "HEAD".into());
+            let fetched = crate::gitsrc::fetch(&url, &git_ref, &hub.work_dir())
+                .await
+                .map_err(SubmitError::from)?;
+            if sub.package.is_none() {
+                sub.package = url
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .map(|n| n.trim_end_matches(".git").to_string());
+            }
+            sub.origin = Some(fetched.origin.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut f =
+                    std::fs::File::open(&fetched.tar).map_err(crate::gitsrc::GitError::Io)?;
+                let pending = h.cas.ingest_tar(&mut f, max)?;
+                crate::scheduler::submit(&h, sub, pending)
+            })
+            .await??
+        }
+        SourceIn::Tar(stream) => {
+            let mut reader = tokio_util::io::SyncIoBridge::new(stream);
+            tokio::task::spawn_blocking(move || {
+                let mut head = std::io::BufReader::new(&mut reader);
+                let gzip = std::io::BufRead::fill_buf(&mut head)
+                    .map(|b| b.starts_with(&[0x1f, 0x8b]))
+                    .unwrap_or(false);
+                let res = if gzip {
+                    h.cas
+                        .ingest_tar(flate2::read::GzDecoder::new(&mut head), max)
+                } else {
+                    h.cas.ingest_tar(&mut head, max)
+                };
+                // Read what the client still sends (bounded) so it sees our
+                // answer rather than a reset connection.
+                let _ = std::io::copy(&mut (&mut head).take(64 << 20), &mut std::io::sink());
+                crate::scheduler::submit(&h, sub, res?)
+            })
+            .await??
+        }
+    };
+    if let Principal::User(u) = caller
+        && !u.admin
+        && hub.db.members(&build.project)?.is_empty()
+    {
+        hub.db.set_member(
+            &build.project,
+            &u.name,
+            Some(crate::model::ProjectRole::Owner),
+        )?;
+    }
+    Ok(build)
 }
 
 #[derive(Deserialize)]
@@ -660,13 +790,43 @@ pub struct TokenCreated {
     pub token: String,
 }
 
-/// Hub-wide changes (tokens, buildroots) need an admin token.
-pub(crate) fn require_admin(caller: &Token, what: &str) -> ApiResult<()> {
-    if caller.admin {
+/// Hub-wide changes (tokens, buildroots, workers) need an admin.
+pub(crate) fn require_admin(caller: &Principal, what: &str) -> ApiResult<()> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!("only an admin can {what}")))
+    }
+}
+
+/// Cancelling, re-queueing and prioritising a project's builds: admins,
+/// and users who are the project's members.
+pub(crate) fn require_steer(
+    hub: &Hub,
+    caller: &Principal,
+    project: &str,
+    what: &str,
+) -> ApiResult<()> {
+    let ok = match caller {
+        Principal::User(u) => u.admin || hub.db.member_role(project, &u.name)?.is_some(),
+        p => p.is_admin(),
+    };
+    if ok {
         Ok(())
     } else {
         Err(ApiError::Forbidden(format!(
-            "only an admin token can {what}"
+            "only an admin or a member of project {project} can {what}"
+        )))
+    }
+}
+
+/// Submitting to a project: see `Principal::can_build`.
+pub(crate) fn require_build(hub: &Hub, caller: &Principal, project: &str) -> ApiResult<()> {
+    if caller.can_build(hub, project)? {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "only an admin or a member of project {project} can build in it"
         )))
     }
 }
@@ -691,12 +851,88 @@ async fn create_token(
     ))
 }
 
+/// The address a request came from (for the login rate limit), on both
+/// the plain and the TLS listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
+        Peer(*s.remote_addr())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct UserRequest {
+    pub name: String,
+    pub password: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// A user as the API shows it (never the password hash).
+#[derive(Serialize, Deserialize, Debug)]
+pub struct UserView {
+    pub name: String,
+    pub admin: bool,
+    pub created: i64,
+}
+
+/// `POST /api/v1/users` (admin): adds a web user.
+async fn add_user(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
+    require_admin(&caller, "add users")?;
+    let req: UserRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("user request: {e}")))?;
+    let h = hub.clone();
+    let u = tokio::task::spawn_blocking(move || {
+        crate::accounts::add_user(&h, &req.name, &req.password, req.admin)
+    })
+    .await??;
+    Ok((
+        StatusCode::CREATED,
+        Json(UserView {
+            name: u.name,
+            admin: u.admin,
+            created: u.created,
+        }),
+    ))
+}
+
+/// `GET /api/v1/users` (admin).
+async fn list_users(
+    Caller(caller): Caller,
+    State(hub): State<Arc<Hub>>,
+) -> ApiResult<Json<Vec<UserView>>> {
+    require_admin(&caller, "list users")?;
+    Ok(Json(
+        hub.db
+            .users()?
+            .into_iter()
+            .map(|u| UserView {
+                name: u.name,
+                admin: u.admin,
+                created: u.created,
+            })
+            .collect(),
+    ))
+}
+
 /// Serves `router` on an already-bound listener until the hub shuts down.
 pub async fn serve(listener: tokio::net::TcpListener, hub: Arc<Hub>) -> std::io::Result<()> {
     let shutdown = hub.shutdown.clone();
-    axum::serve(listener, router(hub))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(hub).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 #[derive(Serialize, Deserialize, Default)]

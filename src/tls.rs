@@ -299,9 +299,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shutdown = hub.shutdown.clone();
     let listener = TlsListener::start(listener, TlsAcceptor::from(config), shutdown.clone())?;
-    axum::serve(listener, crate::server::router(hub))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        crate::server::router(hub).into_make_service_with_connect_info::<crate::server::Peer>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 /// An axum listener yielding finished TLS streams. Handshakes run in their
@@ -322,6 +325,14 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(accept_loop(listener, acceptor, tx, shutdown));
         Ok(TlsListener { ready, local })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for crate::server::Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        crate::server::Peer(*s.remote_addr())
     }
 }
 

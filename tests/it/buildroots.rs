@@ -236,7 +236,7 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");
-    assert!(err.to_string().contains("only an admin token"), "{err}");
+    assert!(err.to_string().contains("only an admin can"), "{err}");
     assert_eq!(
         alice.delete_buildroot("mine").await.unwrap_err().status(),
         Some(403)

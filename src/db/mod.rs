@@ -22,6 +22,9 @@ use crate::model::{
 };
 use crate::workers::{AdminState, Needs, Speeds, WorkerInfo, WorkerRecord, WorkerToken};
 
+mod accounts;
+pub use accounts::Page;
+
 /// Bumped whenever a stored type changes shape; `Db::open` refuses files from
 /// a newer kiln and upgrades older ones.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -76,6 +79,22 @@ const TASK_AVOID: TableDefinition<u64, &[u8]> = TableDefinition::new("task_avoid
 const AVOID_MS: i64 = 60_000;
 /// Builds an admin gave a priority other than 0.
 const BUILD_PRIORITY: TableDefinition<u64, i64> = TableDefinition::new("build_priority");
+/// Builds by project and by package, for pages that list them newest
+/// first without scanning every build.
+const PROJECT_BUILDS: TableDefinition<(&str, u64), ()> = TableDefinition::new("project_builds");
+const PACKAGE_BUILDS: TableDefinition<(&str, &str, u64), ()> =
+    TableDefinition::new("package_builds");
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// session cookie hash → Session.
+const SESSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sessions");
+/// (project, user) → ProjectRole.
+const MEMBERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("members");
+/// token hash → UserToken; (user, label) → token hash.
+const USER_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("user_tokens");
+const USER_TOKEN_LABELS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("user_token_labels");
+/// seq → AuditEntry.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// Build priorities run from -100 to 100; a lane key is
 /// `(100 - priority) << 48 | queue seq`, so a lane is ordered by priority,
@@ -284,6 +303,12 @@ impl Db {
             tx.open_table(WORKER_SPEEDS)?;
             tx.open_table(TARGET_NEEDS)?;
             tx.open_table(BUILD_PRIORITY)?;
+            tx.open_table(USERS)?;
+            tx.open_table(SESSIONS)?;
+            tx.open_table(MEMBERS)?;
+            tx.open_table(USER_TOKENS)?;
+            tx.open_table(USER_TOKEN_LABELS)?;
+            tx.open_table(AUDIT)?;
             let next_fence = meta.get(K_NEXT_FENCE)?.map_or(1, |g| g.value());
             meta.insert(K_NEXT_FENCE, next_fence + FENCE_EPOCH)?;
             drop(meta);
@@ -291,6 +316,11 @@ impl Db {
             let lanes = tx.open_table(QUEUE_LANES)?.len()?;
             if lanes != tx.open_table(QUEUE)?.len()? {
                 rebuild_lanes(&tx)?;
+            }
+            // The build indexes came after builds: fill them when they disagree.
+            let indexed = tx.open_table(PROJECT_BUILDS)?.len()?;
+            if indexed != tx.open_table(BUILDS)?.len()? {
+                rebuild_build_indexes(&tx)?;
             }
         }
         tx.commit()?;
@@ -431,6 +461,9 @@ impl Db {
                 tasks: task_ids,
             };
             tx.open_table(BUILDS)?.insert(id, enc(&build).as_slice())?;
+            tx.open_table(PROJECT_BUILDS)?.insert((project, id), ())?;
+            tx.open_table(PACKAGE_BUILDS)?
+                .insert((project, package, id), ())?;
             for tid in &build.tasks {
                 enqueue(&tx, &mut meta, project, id, *tid)?;
             }
@@ -1458,6 +1491,21 @@ fn fair_head(
     Ok(best.map(|(_, head)| head))
 }
 
+/// Fills the per-project and per-package build indexes from the builds.
+fn rebuild_build_indexes(tx: &redb::WriteTransaction) -> Result<()> {
+    let mut by_project = tx.open_table(PROJECT_BUILDS)?;
+    let mut by_package = tx.open_table(PACKAGE_BUILDS)?;
+    by_project.retain(|_, _| false)?;
+    by_package.retain(|_, _| false)?;
+    for row in tx.open_table(BUILDS)?.iter()? {
+        let (id, v) = row?;
+        let b: Build = dec(v.value())?;
+        by_project.insert((b.project.as_str(), id.value()), ())?;
+        by_package.insert((b.project.as_str(), b.package.as_str(), id.value()), ())?;
+    }
+    Ok(())
+}
+
 /// Rebuilds the lanes from the queue (databases made before lanes existed).
 fn rebuild_lanes(tx: &redb::WriteTransaction) -> Result<()> {
     let mut entries = Vec::new();
@@ -1691,7 +1739,10 @@ mod tests {
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
         });
         assert_eq!(got.len(), 48);
         let mut tasks: Vec<TaskId> = got.iter().map(|l| l.task.id).collect();
