@@ -965,11 +965,18 @@ const ARCHES: &[&str] = &[
 ];
 
 async fn add_target(
-    Caller(_): Caller,
+    Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     Path(project): Path<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Target>)> {
+    // A project's configuration: its owners (and service tokens, as before
+    // accounts existed).
+    if matches!(caller, Principal::User(_)) && !caller.owns(&hub, &project)? {
+        return Err(ApiError::Forbidden(format!(
+            "only an owner of project {project} or an admin can add targets"
+        )));
+    }
     let req: TargetRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("target request: {e}")))?;
     let name_ok = |what: &str, v: &str| {

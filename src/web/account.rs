@@ -156,20 +156,15 @@ pub async fn login(
             Ok(r)
         }
         Err(e) => {
-            let status = ApiError::from(AccountError::BadLogin).status();
-            let e = ApiError::from(e);
+            let msg = e.to_string();
+            let code = ApiError::from(e).status();
             audit(
                 format!("POST /login as {} (refused)", f.user),
-                e.status().as_u16(),
+                code.as_u16(),
             )
             .await;
             let token = cookie.unwrap_or_default().to_string();
-            let page = login_form(&token, &next, Some(&e.to_string()));
-            let code = if matches!(e, ApiError::TooMany(_)) {
-                e.status()
-            } else {
-                status
-            };
+            let page = login_form(&token, &next, Some(&msg));
             Ok(no_store((code, page).into_response()))
         }
     }

@@ -21,7 +21,7 @@ use crate::hub::Hub;
 use crate::model::{Build, BuildState, Task};
 
 /// Most of a log a page shows inline; the full log is one link away.
-const PAGE_LOG_BYTES: u64 = 512 * 1024;
+const PAGE_LOG_BYTES: u64 = 64 * 1024;
 /// Where the viewer starts: this far before the end of what exists.
 const VIEWER_TAIL_BYTES: u64 = 256 * 1024;
 /// Search answers at most this many lines.

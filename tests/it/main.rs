@@ -14,6 +14,7 @@ mod repos;
 mod restart;
 mod sandbox;
 mod tls;
+mod web;
 mod workers;
 
 use std::path::PathBuf;
