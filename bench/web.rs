@@ -894,10 +894,14 @@ fn run(o: &Opts) {
     drop(peer);
 
     // ---- report ----
-    let peer_name = "python3 http.server, same bytes";
+    let peer_name = if o.peer {
+        "; peer: python3 http.server, same bytes"
+    } else {
+        ""
+    };
     for (m, (th, c)) in modes.iter().enumerate() {
         println!(
-            "{} (wrk -t{th} -c{c} -d{}s --latency; medians of {} runs; peer: {peer_name}):",
+            "{} (wrk -t{th} -c{c} -d{}s --latency; medians of {} runs{peer_name}):",
             if m == 0 {
                 "under load"
             } else {
