@@ -1,6 +1,7 @@
 //! A small headless-Chromium driver for the web UI tests, over the Chrome
 //! DevTools Protocol (the `chromiumoxide` crate speaks CDP; this file
-//! launches Debian's `chromium` itself and wraps what the page tests need).
+//! launches Debian's `chromium` itself and wraps what the page tests need),
+//! and the browser tests of today's pages.
 //!
 //! Chromium runs as PID 1 of its own PID namespace (`unshare --pid --fork`):
 //! the browser does not wait for its zygotes when it exits, so without that
@@ -46,11 +47,12 @@ use chromiumoxide::handler::HandlerConfig;
 use chromiumoxide::layout::Point;
 use chromiumoxide::listeners::EventStream;
 use futures_util::{FutureExt, StreamExt};
+use kiln::model::BuildState;
 use serde_json::Value;
 
 pub use chromiumoxide::cdp::browser_protocol::network::{Cookie, CookieSameSite};
 
-use crate::harness::hub;
+use crate::harness::{hub, run_script};
 
 /// How long a navigation, a wait for a selector, or Chromium's start may take.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
@@ -979,6 +981,79 @@ pub fn processes_in_group(pgid: i32) -> Vec<String> {
         }
     }
     found
+}
+
+/// Printed by a build and named in its artifacts: markup that runs script
+/// if a page ever stops escaping it.
+const PAYLOAD: &str =
+    r#"<script>window.__pwned=1;alert(1)</script><img src=x onerror="window.__pwned=2;alert(2)">"#;
+const FILE_PAYLOAD: &str = "<img src=x onerror=window.__pwned=3>";
+
+/// Today's pages (the build list and a build's page) in a real Chromium: a
+/// build whose log and artifact names carry markup shows it as text, and
+/// none of it runs; screenshots of both pages at desktop and phone width.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_show_build_output_as_text_in_chromium() {
+    let t0 = Instant::now();
+    let mut h = hub(1).await;
+    let script = format!(
+        "printf '%s\\n' 'before the payload' '{PAYLOAD}' 'after the payload'\n\
+         touch \"$KILN_OUT/{FILE_PAYLOAD}\""
+    );
+    // The browser starts while the build runs.
+    let (b, browser) = tokio::join!(run_script(&h, "markup", &script, &["*"]), Browser::launch());
+    let b = b.detail.build;
+    assert_eq!(b.state, BuildState::Succeeded, "{b:?}");
+    let page = browser.new_page().await;
+
+    // The build list, then a click to the build's page.
+    assert_eq!(page.goto(&format!("{}/", h.url())).await, 200);
+    let row = page.wait_for_text("tbody", "markup", TIMEOUT).await;
+    assert!(row.contains("succeeded"), "{row}");
+    page.assert_no_injected_script().await;
+    page.screenshots("index").await;
+    page.click_and_wait(&format!("a[href='/builds/{}']", b.id))
+        .await;
+    assert_eq!(page.url().await, format!("{}/builds/{}", h.url(), b.id));
+    assert_eq!(page.status().await, 200);
+
+    // The payload is text on the page, literally, and escaped in the HTML.
+    let log = page
+        .wait_for_text("pre.log", "after the payload", TIMEOUT)
+        .await;
+    assert!(log.contains(PAYLOAD), "log as shown: {log}");
+    let artifacts = page.text("main").await;
+    assert!(artifacts.contains(FILE_PAYLOAD), "page text: {artifacts}");
+    let html = page.html().await;
+    assert!(
+        html.contains("&lt;script&gt;window.__pwned=1;alert(1)&lt;/script&gt;"),
+        "{html}"
+    );
+    // None of it became elements, and none of it ran.
+    assert_eq!(
+        page.eval("document.querySelectorAll('main script, main img').length")
+            .await,
+        Value::from(0)
+    );
+    page.assert_no_injected_script().await;
+    assert!(page.errors().is_empty(), "{:?}", page.errors());
+    page.screenshots("build").await;
+
+    for name in [
+        "index-desktop",
+        "index-phone",
+        "build-desktop",
+        "build-phone",
+    ] {
+        let png = std::fs::read(screenshot_dir().join(format!("{name}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}.png");
+    }
+    let (group, contained) = (browser.process_group(), browser.contained());
+    assert!(processes_in_group(group).len() > 2, "chromium runs");
+    browser.close().await;
+    assert_chromium_gone(group, contained);
+    h.stop().await;
+    eprintln!("browser test took {:?}", t0.elapsed());
 }
 
 /// The driver's own parts the pages do not use yet, on a form put into a
