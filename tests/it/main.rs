@@ -2,6 +2,7 @@
 //! real hub on a loopback port, real redb files, real sandboxes).
 
 mod apt;
+mod browser;
 mod buildroots;
 mod debian;
 mod directory;
