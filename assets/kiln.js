@@ -102,6 +102,15 @@
       status.textContent = "the build has ended; this is all of its log";
       es.close();
       es = null;
+      // The badge in the heading shows how it ended.
+      fetch("/api/v1/builds/" + id).then((r) => r.json()).then((b) => {
+        const badge = document.querySelector("h1 .state");
+        const st = b.state;
+        if (badge && typeof st === "string") {
+          badge.className = "state " + st;
+          badge.textContent = st;
+        }
+      }).catch(() => {});
     });
     es.onerror = () => {
       if (es && es.readyState === EventSource.CLOSED) status.textContent = "the log stream closed";

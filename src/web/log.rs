@@ -157,7 +157,10 @@ pub async fn events(
                     return;
                 }
             }
-            let _ = out.send(Ok(Event::default().event("end").data(""))).await;
+            // (Browsers drop events without data.)
+            let _ = out
+                .send(Ok(Event::default().event("end").data("end")))
+                .await;
         },
     );
     Ok(Sse::new(stream)

@@ -28,7 +28,7 @@ pub struct Paging {
 fn builds_table(builds: &[Build]) -> Markup {
     html! {
         @if builds.is_empty() {
-            p.empty { "No builds." }
+            p.empty { "No builds yet." }
         } @else {
             table {
                 thead { tr { th { "#" } th { "project" } th { "package" } th { "state" } th { "submitted" } th { "by" } th { "took" } } }

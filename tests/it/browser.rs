@@ -52,7 +52,7 @@ use serde_json::Value;
 
 pub use chromiumoxide::cdp::browser_protocol::network::{Cookie, CookieSameSite};
 
-use crate::harness::{hub, run_script};
+use crate::harness::{hub, run_script, script_tree};
 
 /// How long a navigation, a wait for a selector, or Chromium's start may take.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
@@ -1137,5 +1137,188 @@ async fn driver_forms_files_cookies_and_cleanup() {
     let (group, contained) = (browser.process_group(), browser.contained());
     drop((page, private, browser));
     assert_chromium_gone(group, contained);
+    h.stop().await;
+}
+
+/// A source tarball of `dir` (what a person uploads in the submit form).
+fn tarball(dir: &Path, to: &Path) {
+    let mut t = tar::Builder::new(std::fs::File::create(to).unwrap());
+    t.append_dir_all(".", dir).unwrap();
+    t.finish().unwrap();
+}
+
+/// The whole story in a real browser: log in, submit a build by uploading
+/// its source, watch its log stream live (colours, the first error), cancel
+/// another, see why a task waits, open the repo page; screenshots of every
+/// main page at desktop and phone width.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_logs_in_submits_follows_cancels_and_reads_why_in_chromium() {
+    let mut h = hub(1).await;
+    let base = h.url();
+    h.client
+        .add_user("alice", "alice-password", true)
+        .await
+        .unwrap();
+    // Project p: a target for an arch no worker has, whose repo exists.
+    h.client
+        .add_target(
+            "p",
+            &kiln::server::TargetRequest {
+                name: "zarch".into(),
+                buildroot: "host".into(),
+                arch: "s390x".into(),
+                repo: Some("main".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let waits = script_tree("waiting", "true", &[]);
+    let stuck = h
+        .client
+        .submit_dir_to(waits.path(), Some("p"), None, &["zarch"])
+        .await
+        .unwrap();
+    let browser = Browser::launch().await;
+    let page = browser.new_page().await;
+
+    // Logging in: the form, then the session cookie's flags.
+    assert_eq!(page.goto(&format!("{base}/login?next=/")).await, 200);
+    page.screenshots("login").await;
+    page.fill("input[name=user]", "alice").await;
+    page.fill("input[name=password]", "alice-password").await;
+    page.submit("form.login").await;
+    assert_eq!(page.url().await, format!("{base}/"));
+    let session = page
+        .cookies()
+        .await
+        .into_iter()
+        .find(|c| c.name == "kiln_session")
+        .expect("session cookie");
+    assert!(session.http_only, "{session:?}");
+    assert_eq!(session.same_site, Some(CookieSameSite::Strict));
+    assert!(page.text("header").await.contains("alice"));
+
+    // Why the s390x task waits, on the dashboard and its build page.
+    let queued = page
+        .wait_for_text("main", "no enabled worker with arch s390x", TIMEOUT)
+        .await;
+    assert!(queued.contains("Queued"), "{queued}");
+    page.screenshots("dashboard").await;
+
+    // Submit by uploading a tarball: a build that writes slowly, in colour,
+    // with an error line.
+    let dir = tempfile::tempdir().unwrap();
+    let slow = script_tree(
+        "slow",
+        "printf '\\033[31mred words\\033[0m\\n'; for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done; echo 'error: something broke'; echo done",
+        &[],
+    );
+    let tar = dir.path().join("slow.tar");
+    tarball(slow.path(), &tar);
+    page.click("details.submit summary").await;
+    page.fill("details.submit input[name=project]", "web").await;
+    page.fill("details.submit input[name=package]", "slow")
+        .await;
+    page.set_file_input("details.submit input[name=tarball]", &[&tar])
+        .await;
+    page.submit("details.submit form").await;
+    let url = page.url().await;
+    let id: u64 = url
+        .rsplit('/')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("landed on {url}"));
+    assert!(
+        page.text("main").await.contains("alice"),
+        "submitted by alice"
+    );
+
+    // The live log: lines arrive while the build runs; colours render.
+    page.click_and_wait("a[href$='/log']").await;
+    page.wait_for_text("#log", "line 3", TIMEOUT).await;
+    let running = h.client.build(id).await.unwrap().detail.build.state;
+    assert_eq!(running, BuildState::Running, "the log streamed live");
+    page.wait_for_text("#log", "done", Duration::from_secs(60))
+        .await;
+    page.wait_for_text("#log-status", "has ended", TIMEOUT)
+        .await;
+    assert_eq!(
+        page.eval("document.querySelector('#log .a-fg1').textContent")
+            .await,
+        Value::from("red words")
+    );
+    assert_eq!(
+        page.eval("document.querySelectorAll('#log script').length")
+            .await,
+        Value::from(0)
+    );
+    page.screenshots("log-viewer").await;
+    // Search the whole log, and jump to the first error.
+    page.fill("#log-q", "line 37").await;
+    page.click("#log-search button").await;
+    // Two notes and the red line come first: "line 37" is the log's 40th.
+    let hits = page.wait_for_text("#log-hits", "1 line(s)", TIMEOUT).await;
+    assert!(
+        hits.contains("line 40") && hits.contains("line 37"),
+        "{hits}"
+    );
+    page.click("#log-first-error").await;
+    let mark = page
+        .wait_for_text("#first-error", "first error", TIMEOUT)
+        .await;
+    assert!(mark.contains("line"), "{mark}");
+    let after = page
+        .eval("document.getElementById('first-error').nextSibling.textContent")
+        .await;
+    assert!(
+        after
+            .as_str()
+            .unwrap_or("")
+            .starts_with("error: something broke"),
+        "{after}"
+    );
+
+    // Cancel a running build from its page.
+    let long = script_tree("long", "sleep 120", &[]);
+    let victim = h
+        .client
+        .submit_dir(long.path(), Some("web"), None)
+        .await
+        .unwrap();
+    page.goto(&format!("{base}/builds/{}", victim.id)).await;
+    page.click_and_wait("form[action$='/cancel'] button").await;
+    page.wait_for_text("h1", "cancelled", TIMEOUT).await;
+    assert_eq!(
+        h.client.build(victim.id).await.unwrap().detail.build.state,
+        BuildState::Cancelled
+    );
+    page.screenshots("build-cancelled").await;
+
+    // The waiting build says why; the repo page gives the apt lines.
+    page.goto(&format!("{base}/builds/{}", stuck.id)).await;
+    page.wait_for_text("dd.why", "no enabled worker with arch s390x", TIMEOUT)
+        .await;
+    page.goto(&format!("{base}/repos/p/main")).await;
+    let repo = page.wait_for_text("main", "signed-by=", TIMEOUT).await;
+    assert!(repo.contains(&format!("{base}/repos/p/main")), "{repo}");
+    page.screenshots("repo").await;
+    for (path, name) in [
+        ("/projects/web", "project"),
+        ("/packages/web/slow", "package"),
+        ("/workers", "workers"),
+        ("/workers/local", "worker"),
+        ("/admin/audit", "audit"),
+    ] {
+        assert_eq!(page.goto(&format!("{base}{path}")).await, 200, "{path}");
+        page.screenshots(name).await;
+    }
+    assert!(
+        page.text("main").await.contains("POST /builds/"),
+        "the cancel is audited"
+    );
+    page.assert_no_injected_script().await;
+    assert!(page.errors().is_empty(), "{:?}", page.errors());
+    browser.close().await;
     h.stop().await;
 }
