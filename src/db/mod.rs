@@ -40,6 +40,9 @@ const QUEUE: TableDefinition<u64, u64> = TableDefinition::new("queue");
 /// The same queue split into one lane per project, `(project, seq) → task`:
 /// leasing takes the head of the lane whose project runs the fewest tasks.
 const QUEUE_LANES: TableDefinition<(&str, u64), u64> = TableDefinition::new("queue_lanes");
+/// How many tasks each project's lane holds (kept with every lane change),
+/// so "position N of M" needs no count of the lane.
+const LANE_LEN: TableDefinition<&str, u64> = TableDefinition::new("lane_len");
 /// Running tasks and their projects (few rows: one per busy slot).
 const RUNNING: TableDefinition<u64, &str> = TableDefinition::new("running");
 /// Project → the fence of its latest lease: among projects running equally
@@ -303,6 +306,7 @@ impl Db {
             tx.open_table(WORKER_SPEEDS)?;
             tx.open_table(TARGET_NEEDS)?;
             tx.open_table(BUILD_PRIORITY)?;
+            tx.open_table(LANE_LEN)?;
             tx.open_table(USERS)?;
             tx.open_table(SESSIONS)?;
             tx.open_table(MEMBERS)?;
@@ -316,6 +320,14 @@ impl Db {
             let lanes = tx.open_table(QUEUE_LANES)?.len()?;
             if lanes != tx.open_table(QUEUE)?.len()? {
                 rebuild_lanes(&tx)?;
+            }
+            let counted: u64 = tx
+                .open_table(LANE_LEN)?
+                .iter()?
+                .map(|r| r.map(|(_, v)| v.value()).unwrap_or(0))
+                .sum();
+            if counted != tx.open_table(QUEUE_LANES)?.len()? {
+                recount_lanes(&tx)?;
             }
             // The build indexes came after builds: fill them when they disagree.
             let indexed = tx.open_table(PROJECT_BUILDS)?.len()?;
@@ -550,12 +562,19 @@ impl Db {
         let b: Build =
             get_rec(&tx.open_table(BUILDS)?, t.build)?.ok_or(DbError::BuildNotFound(t.build))?;
         let lanes = tx.open_table(QUEUE_LANES)?;
-        let (mut position, mut lane_len) = (None, 0u64);
-        for row in lanes.range((b.project.as_str(), 0)..=(b.project.as_str(), u64::MAX))? {
-            let (_, v) = row?;
-            lane_len += 1;
-            if v.value() == task {
-                position = Some(lane_len);
+        let lane_len = tx
+            .open_table(LANE_LEN)?
+            .get(b.project.as_str())?
+            .map_or(0, |g| g.value());
+        // Tasks near the head (the ones people look at) are found at once.
+        let mut position = None;
+        for (i, row) in lanes
+            .range((b.project.as_str(), 0)..=(b.project.as_str(), u64::MAX))?
+            .enumerate()
+        {
+            if row?.1.value() == task {
+                position = Some(i as u64 + 1);
+                break;
             }
         }
         let projects = lane_heads(&lanes)?.len();
@@ -814,6 +833,7 @@ impl Db {
                     if let Some(rank) = seq {
                         lanes.remove((b.project.as_str(), rank))?;
                         tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
+                        lane_add(&tx, &b.project, -1)?;
                     }
                 }
                 _ => {}
@@ -1335,6 +1355,35 @@ fn enqueue(
     tx.open_table(QUEUE)?.insert(seq, task)?;
     tx.open_table(QUEUE_LANES)?
         .insert((project, lane_rank(priority, seq)), task)?;
+    lane_add(tx, project, 1)
+}
+
+/// Changes the count of `project`'s lane by `delta` (an empty lane has no row).
+fn lane_add(tx: &redb::WriteTransaction, project: &str, delta: i64) -> Result<()> {
+    let mut t = tx.open_table(LANE_LEN)?;
+    let n = t
+        .get(project)?
+        .map_or(0, |g| g.value())
+        .saturating_add_signed(delta);
+    if n == 0 {
+        t.remove(project)?;
+    } else {
+        t.insert(project, n)?;
+    }
+    Ok(())
+}
+
+/// Counts every lane again (databases made before the counts existed).
+fn recount_lanes(tx: &redb::WriteTransaction) -> Result<()> {
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for row in tx.open_table(QUEUE_LANES)?.iter()? {
+        *counts.entry(row?.0.value().0.to_string()).or_default() += 1;
+    }
+    let mut t = tx.open_table(LANE_LEN)?;
+    t.retain(|_, _| false)?;
+    for (p, n) in counts {
+        t.insert(p.as_str(), n)?;
+    }
     Ok(())
 }
 
@@ -1394,6 +1443,7 @@ fn grant_one(
     tx.open_table(QUEUE)?.remove(rank & SEQ_MASK)?;
     tx.open_table(QUEUE_LANES)?
         .remove((project.as_str(), rank))?;
+    lane_add(tx, &project, -1)?;
     tx.open_table(RUNNING)?.insert(tid, project.as_str())?;
     *running.entry(project.clone()).or_default() += 1;
     let mut meta = tx.open_table(META)?;
@@ -1530,7 +1580,8 @@ fn rebuild_lanes(tx: &redb::WriteTransaction) -> Result<()> {
     for (p, seq, tid) in entries {
         lanes.insert((p.as_str(), seq), tid)?;
     }
-    Ok(())
+    drop(lanes);
+    recount_lanes(tx)
 }
 
 /// What the tasks of `project`'s target `target` need of a worker: the
@@ -1757,6 +1808,29 @@ mod tests {
             assert_eq!(t.lease.unwrap().fence, l.fence);
         }
         assert_eq!(db.queue_len().unwrap(), 0);
+    }
+
+    #[test]
+    fn lane_counts_follow_enqueue_lease_cancel_and_requeue() {
+        let (dir, db) = db();
+        let a: Vec<Build> = (0..5).map(|_| submit_to(&db, "a")).collect();
+        let pos = |db: &Db, b: &Build| {
+            let p = db.queue_position(b.tasks[0]).unwrap().unwrap();
+            (p.position, p.lane_len)
+        };
+        assert_eq!(pos(&db, &a[4]), (5, 5));
+        let l = db.lease_next("w", 60_000).unwrap().unwrap();
+        assert_eq!(l.build.id, a[0].id);
+        db.cancel_task(a[2].tasks[0]).unwrap();
+        assert_eq!(pos(&db, &a[1]), (1, 3));
+        assert_eq!(pos(&db, &a[4]), (3, 3));
+        // The leased one comes back at the end of the lane.
+        db.requeue_task(a[0].tasks[0]).unwrap();
+        assert_eq!(pos(&db, &a[0]), (4, 4));
+        // Counts survive a reopen and are rebuilt if they ever disagree.
+        drop(db);
+        let db = Db::open(&dir.path().join("kiln.redb")).unwrap();
+        assert_eq!(pos(&db, &a[4]), (3, 4));
     }
 
     #[test]
