@@ -191,11 +191,20 @@ pub async fn reap_expired_leases(hub: Arc<Hub>) {
 /// take tasks meets its needs (the same rules routing uses), or its place
 /// in its project's queue.
 pub fn why_waiting(hub: &Hub, task: crate::model::TaskId) -> Result<Option<String>, HubError> {
+    why_waiting_among(hub, task, &hub.candidate_workers()?)
+}
+
+/// [`why_waiting`] given the workers that could take tasks now (read once
+/// for a page that explains many tasks).
+pub fn why_waiting_among(
+    hub: &Hub,
+    task: crate::model::TaskId,
+    candidates: &[crate::workers::WorkerInfo],
+) -> Result<Option<String>, HubError> {
     let Some(q) = hub.db.queue_position(task)? else {
         return Ok(None);
     };
     let needs = hub.db.task_needs(task)?;
-    let candidates = hub.candidate_workers()?;
     let arch = needs.arch.as_deref().unwrap_or("any arch");
     let place = format!(
         "position {} of {} in project {}'s queue for {arch}",

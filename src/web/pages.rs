@@ -19,6 +19,8 @@ use crate::workers::WorkerState;
 
 /// Rows per list page.
 const PAGE: usize = 50;
+/// Queued tasks the dashboard explains (the queue's head; the count shows the rest).
+const QUEUED_SHOWN: usize = 10;
 
 #[derive(Deserialize, Default)]
 pub struct Paging {
@@ -83,11 +85,14 @@ pub async fn dashboard(viewer: Viewer, State(hub): State<Arc<Hub>>) -> WebResult
     let h = hub.clone();
     let (running, queued, recent, workers, repos) = tokio::task::spawn_blocking(move || {
         let running = h.db.running_tasks(50)?;
+        let candidates = h.candidate_workers()?;
         let queued: Vec<(Task, Option<String>)> =
-            h.db.queued_tasks(20)?
+            h.db.queued_tasks(QUEUED_SHOWN)?
                 .into_iter()
                 .map(|t| {
-                    let why = crate::scheduler::why_waiting(&h, t.id).ok().flatten();
+                    let why = crate::scheduler::why_waiting_among(&h, t.id, &candidates)
+                        .ok()
+                        .flatten();
                     (t, why)
                 })
                 .collect();
@@ -458,12 +463,22 @@ pub async fn package(
     let last_good = tokio::task::spawn_blocking(move || {
         let mut good: Vec<(String, Build, i64)> = Vec::new();
         let recent = h.db.package_builds(&pj, &nm, None, LAST_GOOD_SCAN)?;
+        // The targets the package builds for now (its newest build's):
+        // the scan stops once each has its good build.
+        let mut wanted = match recent.items.first() {
+            Some(b) => h.db.build_detail(b.id)?.task_list.len(),
+            None => 0,
+        };
         for b in recent.items {
+            if wanted == 0 {
+                break;
+            }
             for tid in &b.tasks {
                 let t = h.db.task(*tid)?;
                 if t.state == BuildState::Succeeded && !good.iter().any(|(g, _, _)| *g == t.target)
                 {
                     good.push((t.target.clone(), b.clone(), t.finished.unwrap_or(b.created)));
+                    wanted = wanted.saturating_sub(1);
                 }
             }
         }
