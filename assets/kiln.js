@@ -112,8 +112,14 @@
         }
       }).catch(() => {});
     });
+    // A dropped connection: start over from the tail (EventSource would
+    // reconnect to the same URL and append the tail a second time).
     es.onerror = () => {
-      if (es && es.readyState === EventSource.CLOSED) status.textContent = "the log stream closed";
+      if (!es) return;
+      es.close();
+      es = null;
+      status.textContent = "the connection dropped; reconnecting…";
+      setTimeout(() => start(-tail), 2000);
     };
   }
 
