@@ -225,10 +225,6 @@ impl Hub {
         Ok(secret)
     }
 
-    pub fn check_token(&self, secret: &str) -> Result<Option<Token>, HubError> {
-        Ok(self.db.token(&token_hash(secret))?)
-    }
-
     /// The version of the kiln binary this hub runs tasks with (and hands
     /// to self-updating workers).
     pub fn version(&self) -> String {

@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{post, put};
 use serde::{Deserialize, Serialize};
 
 use crate::cas::Digest;
@@ -40,58 +40,31 @@ pub(crate) fn routes(max_blob_bytes: u64) -> crate::web::Routes {
     use axum::http::Method;
     let blob_limit = usize::try_from(max_blob_bytes).unwrap_or(usize::MAX);
     crate::web::Routes::new()
-        .route("/api/v1/worker/lease", &[Method::POST], post(lease))
-        .route("/api/v1/worker/whoami", &[Method::GET], get(whoami))
-        .route("/api/v1/worker/binary", &[Method::GET], get(binary))
-        .route(
-            "/api/v1/worker/tasks/{id}/heartbeat",
-            &[Method::POST],
-            post(heartbeat),
-        )
-        .route("/api/v1/worker/tasks/{id}/end", &[Method::POST], post(end))
+        .post("/api/v1/worker/lease", lease)
+        .get("/api/v1/worker/whoami", whoami)
+        .get("/api/v1/worker/binary", binary)
+        .post("/api/v1/worker/tasks/{id}/heartbeat", heartbeat)
+        .post("/api/v1/worker/tasks/{id}/end", end)
         .route(
             "/api/v1/worker/tasks/{id}/log",
             &[Method::POST],
             post(live_log).layer(axum::extract::DefaultBodyLimit::disable()),
         )
-        .route(
-            "/api/v1/worker/tasks/{id}/repo",
-            &[Method::GET],
-            get(task_repo),
-        )
-        .route(
-            "/api/v1/worker/buildroots/{name}",
-            &[Method::GET],
-            get(buildroot_export),
-        )
-        .route("/api/v1/worker/debs/{hex}", &[Method::GET], get(deb))
-        .route(
-            "/api/v1/worker/blobs/missing",
-            &[Method::POST],
-            post(missing),
-        )
+        .get("/api/v1/worker/tasks/{id}/repo", task_repo)
+        .get("/api/v1/worker/buildroots/{name}", buildroot_export)
+        .get("/api/v1/worker/debs/{hex}", deb)
+        .post("/api/v1/worker/blobs/missing", missing)
         .route(
             "/api/v1/worker/blobs/{hex}",
             &[Method::PUT],
             put(upload).layer(axum::extract::DefaultBodyLimit::max(blob_limit)),
         )
-        .route("/api/v1/workers", &[Method::GET], get(list_workers))
-        .route("/api/v1/workers/{name}", &[Method::GET], get(show_worker))
-        .route(
-            "/api/v1/workers/{name}/{action}",
-            &[Method::POST],
-            post(set_worker),
-        )
-        .route(
-            "/api/v1/worker-tokens",
-            &[Method::GET, Method::POST],
-            get(list_worker_tokens).post(create_worker_token),
-        )
-        .route(
-            "/api/v1/worker-tokens/{name}",
-            &[Method::DELETE],
-            axum::routing::delete(revoke_worker_token),
-        )
+        .get("/api/v1/workers", list_workers)
+        .get("/api/v1/workers/{name}", show_worker)
+        .post("/api/v1/workers/{name}/{action}", set_worker)
+        .get("/api/v1/worker-tokens", list_worker_tokens)
+        .post("/api/v1/worker-tokens", create_worker_token)
+        .delete("/api/v1/worker-tokens/{name}", revoke_worker_token)
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -590,22 +563,25 @@ async fn show_worker(
     ))
 }
 
+/// The admin state a worker action (`drain`, `enable`, `disable`) sets.
+pub(crate) fn admin_action(action: &str) -> ApiResult<AdminState> {
+    match action {
+        "drain" => Ok(AdminState::Draining),
+        "enable" => Ok(AdminState::Enabled),
+        "disable" => Ok(AdminState::Disabled),
+        other => Err(ApiError::NotFound(format!(
+            "no worker action {other:?}: use drain, enable or disable"
+        ))),
+    }
+}
+
 /// `POST /api/v1/workers/NAME/drain|enable|disable` (admin).
 async fn set_worker(
     Caller(caller): Caller,
     State(hub): State<Arc<Hub>>,
     Path((name, action)): Path<(String, String)>,
 ) -> ApiResult<Json<WorkerView>> {
-    let admin = match action.as_str() {
-        "drain" => AdminState::Draining,
-        "enable" => AdminState::Enabled,
-        "disable" => AdminState::Disabled,
-        other => {
-            return Err(ApiError::NotFound(format!(
-                "no worker action {other:?}: use drain, enable or disable"
-            )));
-        }
-    };
+    let admin = admin_action(&action)?;
     require_admin(&caller, &format!("{action} workers"))?;
     let h = hub.clone();
     Ok(Json(

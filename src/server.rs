@@ -14,7 +14,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -258,94 +257,34 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
 /// Every route: the API, the repos and blobs, the pages and forms, the
 /// worker protocol.
 pub(crate) fn routes(max_upload_bytes: u64) -> crate::web::Routes {
-    use axum::http::Method;
     crate::web::Routes::new()
-        .route("/api/v1/health", &[Method::GET], get(health))
-        .route(
-            "/api/v1/builds",
-            &[Method::GET, Method::POST],
-            get(list_builds).post(submit_build),
-        )
-        .route("/api/v1/builds/{id}", &[Method::GET], get(get_build))
-        .route("/api/v1/builds/{id}/log", &[Method::GET], get(build_log))
-        .route(
-            "/api/v1/builds/{id}/artifacts",
-            &[Method::GET],
-            get(list_artifacts),
-        )
-        .route(
-            "/api/v1/builds/{id}/artifacts/{*path}",
-            &[Method::GET],
-            get(get_artifact),
-        )
-        .route(
-            "/api/v1/builds/{id}/cancel",
-            &[Method::POST],
-            post(cancel_build),
-        )
-        .route(
-            "/api/v1/builds/{id}/priority",
-            &[Method::POST],
-            post(set_priority),
-        )
-        .route(
-            "/api/v1/tasks/{id}/cancel",
-            &[Method::POST],
-            post(cancel_task),
-        )
-        .route(
-            "/api/v1/tasks/{id}/requeue",
-            &[Method::POST],
-            post(requeue_task),
-        )
-        .route("/api/v1/tokens", &[Method::POST], post(create_token))
-        .route(
-            "/api/v1/users",
-            &[Method::GET, Method::POST],
-            get(list_users).post(add_user),
-        )
-        .route(
-            "/api/v1/projects/{project}/targets",
-            &[Method::GET, Method::POST],
-            get(list_targets).post(add_target),
-        )
-        .route(
-            "/api/v1/projects/{project}/repos/{repo}",
-            &[Method::GET],
-            get(get_repo),
-        )
-        .route(
-            "/api/v1/buildroots",
-            &[Method::GET, Method::POST],
-            get(list_buildroots).post(create_buildroot),
-        )
-        .route(
-            "/api/v1/buildroots/{name}",
-            &[Method::GET, Method::DELETE],
-            get(get_buildroot).delete(delete_buildroot),
-        )
-        .route(
-            "/api/v1/buildroots/{name}/log",
-            &[Method::GET],
-            get(buildroot_log),
-        )
-        .route(
-            "/api/v1/buildroots/{name}/refresh",
-            &[Method::POST],
-            post(refresh_buildroot),
-        )
-        .route(
-            "/api/v1/buildroots/{name}/import",
-            &[Method::PUT],
-            axum::routing::put(import_buildroot),
-        )
-        .route("/repos/{project}/key.asc", &[Method::GET], get(repo_key))
-        .route(
-            "/repos/{project}/{repo}/{*path}",
-            &[Method::GET],
-            get(repo_file),
-        )
-        .route("/cas/sha256/{hex}", &[Method::GET], get(get_blob))
+        .get("/api/v1/health", health)
+        .get("/api/v1/builds", list_builds)
+        .post("/api/v1/builds", submit_build)
+        .get("/api/v1/builds/{id}", get_build)
+        .get("/api/v1/builds/{id}/log", build_log)
+        .get("/api/v1/builds/{id}/artifacts", list_artifacts)
+        .get("/api/v1/builds/{id}/artifacts/{*path}", get_artifact)
+        .post("/api/v1/builds/{id}/cancel", cancel_build)
+        .post("/api/v1/builds/{id}/priority", set_priority)
+        .post("/api/v1/tasks/{id}/cancel", cancel_task)
+        .post("/api/v1/tasks/{id}/requeue", requeue_task)
+        .post("/api/v1/tokens", create_token)
+        .get("/api/v1/users", list_users)
+        .post("/api/v1/users", add_user)
+        .get("/api/v1/projects/{project}/targets", list_targets)
+        .post("/api/v1/projects/{project}/targets", add_target)
+        .get("/api/v1/projects/{project}/repos/{repo}", get_repo)
+        .get("/api/v1/buildroots", list_buildroots)
+        .post("/api/v1/buildroots", create_buildroot)
+        .get("/api/v1/buildroots/{name}", get_buildroot)
+        .delete("/api/v1/buildroots/{name}", delete_buildroot)
+        .get("/api/v1/buildroots/{name}/log", buildroot_log)
+        .post("/api/v1/buildroots/{name}/refresh", refresh_buildroot)
+        .put("/api/v1/buildroots/{name}/import", import_buildroot)
+        .get("/repos/{project}/key.asc", repo_key)
+        .get("/repos/{project}/{repo}/{*path}", repo_file)
+        .get("/cas/sha256/{hex}", get_blob)
         .merge(crate::web::routes())
         .merge(crate::remote::routes(max_upload_bytes))
 }
@@ -363,7 +302,7 @@ async fn health(State(hub): State<Arc<Hub>>) -> ApiResult<Json<Health>> {
     }))
 }
 
-fn parse_id(s: &str) -> ApiResult<BuildId> {
+pub(crate) fn parse_id(s: &str) -> ApiResult<BuildId> {
     s.parse()
         .map_err(|_| ApiError::BadRequest(format!("build id {s:?} is not a number")))
 }

@@ -123,9 +123,7 @@ pub async fn login(
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> WebResult<Response> {
-    let mut parts = axum::http::Request::new(()).into_parts().0;
-    parts.headers = headers.clone();
-    let cookie = super::cookie(&parts, LOGIN_COOKIE);
+    let cookie = super::cookie(&headers, LOGIN_COOKIE);
     let form_ok = matches!((cookie, f.csrf.as_deref()), (Some(c), Some(t)) if crate::accounts::same_secret(c, t));
     if !form_ok {
         return Err(ApiError::Forbidden(
@@ -178,9 +176,7 @@ pub async fn logout(
     Form(f): Form<super::actions::Plain>,
 ) -> WebResult<Response> {
     viewer.post(f.csrf.as_deref())?;
-    let mut parts = axum::http::Request::new(()).into_parts().0;
-    parts.headers = headers.clone();
-    if let Some(secret) = super::cookie(&parts, SESSION_COOKIE) {
+    if let Some(secret) = super::cookie(&headers, SESSION_COOKIE) {
         crate::accounts::logout(&hub, secret)?;
     }
     let mut r = Redirect::to("/").into_response();

@@ -15,17 +15,11 @@ use super::{Viewer, WebError, WebResult};
 use crate::hub::Hub;
 use crate::model::ProjectRole;
 use crate::server::{ApiError, SourceIn, require_steer, submit_source};
-use crate::workers::AdminState;
 
 /// A form with nothing but its CSRF token.
 #[derive(Deserialize)]
 pub struct Plain {
     pub csrf: Option<String>,
-}
-
-fn build_id(id: &str) -> Result<u64, WebError> {
-    id.parse()
-        .map_err(|_| ApiError::BadRequest(format!("build id {id:?} is not a number")).into())
 }
 
 /// `POST /submit` (project in the form) and `POST /projects/P/submit`.
@@ -127,7 +121,7 @@ pub async fn cancel(
     Path(id): Path<String>,
     Form(f): Form<Plain>,
 ) -> WebResult<Redirect> {
-    let id = build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.post(f.csrf.as_deref())?;
     let detail = hub.db.build_detail(id)?;
     require_steer(&hub, &viewer.who, &detail.build.project, "cancel builds")?;
@@ -142,7 +136,7 @@ pub async fn rebuild(
     Path(id): Path<String>,
     Form(f): Form<Plain>,
 ) -> WebResult<Redirect> {
-    let id = build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.post(f.csrf.as_deref())?;
     let b = hub.db.build(id)?;
     crate::server::require_build(&hub, &viewer.who, &b.project)?;
@@ -163,7 +157,7 @@ pub async fn requeue(
     Path(id): Path<String>,
     Form(f): Form<RequeueForm>,
 ) -> WebResult<Redirect> {
-    let id = build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.post(f.csrf.as_deref())?;
     let detail = hub.db.build_detail(id)?;
     require_steer(&hub, &viewer.who, &detail.build.project, "re-queue tasks")?;
@@ -229,16 +223,7 @@ pub async fn worker(
 ) -> WebResult<Redirect> {
     viewer.post(f.csrf.as_deref())?;
     viewer.admin(&format!("{action} workers"))?;
-    let state = match action.as_str() {
-        "drain" => AdminState::Draining,
-        "enable" => AdminState::Enabled,
-        "disable" => AdminState::Disabled,
-        a => {
-            return Err(
-                ApiError::NotFound(format!("no action {a:?}: drain, enable or disable")).into(),
-            );
-        }
-    };
+    let state = crate::remote::admin_action(&action)?;
     let h = hub.clone();
     let n = name.clone();
     tokio::task::spawn_blocking(move || h.set_worker_admin(&n, state)).await??;

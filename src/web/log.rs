@@ -27,12 +27,6 @@ const VIEWER_TAIL_BYTES: u64 = 256 * 1024;
 /// Search answers at most this many lines.
 const SEARCH_MAX_HITS: usize = 500;
 
-fn build_id(id: &str) -> Result<u64, super::WebError> {
-    id.parse().map_err(|_| {
-        crate::server::ApiError::BadRequest(format!("build id {id:?} is not a number")).into()
-    })
-}
-
 /// `GET /builds/ID/log`: the viewer. Without JavaScript it still shows the
 /// tail (and links the plain text).
 pub async fn viewer(
@@ -40,7 +34,7 @@ pub async fn viewer(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
 ) -> WebResult {
-    let id = build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.read(&hub, &format!("/builds/{id}/log"))?;
     let b = hub.db.build(id)?;
     Ok(layout(
@@ -106,7 +100,7 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> WebResult<Response> {
-    let id = build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.read(&hub, &format!("/builds/{id}/log"))?;
     let build = hub.db.build(id)?;
     let skip = match q.from.unwrap_or(0) {
@@ -224,7 +218,7 @@ pub async fn search(
     Path(id): Path<String>,
     Query(q): Query<SearchQuery>,
 ) -> WebResult<axum::Json<Vec<Hit>>> {
-    let id = build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.read(&hub, &format!("/builds/{id}/log"))?;
     let build = hub.db.build(id)?;
     let first_error = q.kind.as_deref() == Some("first-error");

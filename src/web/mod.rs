@@ -19,6 +19,7 @@ mod pages;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Request, State};
+use axum::handler::Handler;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -60,6 +61,38 @@ impl Routes {
         self
     }
 
+    pub(crate) fn get<H: Handler<T, Arc<Hub>>, T: 'static>(
+        self,
+        path: &'static str,
+        h: H,
+    ) -> Routes {
+        self.route(path, &[Method::GET], axum::routing::get(h))
+    }
+
+    pub(crate) fn post<H: Handler<T, Arc<Hub>>, T: 'static>(
+        self,
+        path: &'static str,
+        h: H,
+    ) -> Routes {
+        self.route(path, &[Method::POST], axum::routing::post(h))
+    }
+
+    pub(crate) fn delete<H: Handler<T, Arc<Hub>>, T: 'static>(
+        self,
+        path: &'static str,
+        h: H,
+    ) -> Routes {
+        self.route(path, &[Method::DELETE], axum::routing::delete(h))
+    }
+
+    pub(crate) fn put<H: Handler<T, Arc<Hub>>, T: 'static>(
+        self,
+        path: &'static str,
+        h: H,
+    ) -> Routes {
+        self.route(path, &[Method::PUT], axum::routing::put(h))
+    }
+
     pub(crate) fn merge(mut self, other: Routes) -> Routes {
         self.table.extend(other.table);
         self.router = self.router.merge(other.router);
@@ -78,46 +111,39 @@ pub fn route_table() -> Vec<(Method, &'static str)> {
 }
 
 pub(crate) fn routes() -> Routes {
-    use axum::routing::{get, post};
-    const G: &[Method] = &[Method::GET];
-    const P: &[Method] = &[Method::POST];
     Routes::new()
-        .route("/", G, get(pages::dashboard))
-        .route("/submit", P, post(actions::submit))
-        .route("/search", G, get(pages::search))
-        .route("/builds", G, get(pages::builds))
-        .route("/builds/{id}", G, get(pages::build))
-        .route("/builds/{id}/cancel", P, post(actions::cancel))
-        .route("/builds/{id}/rebuild", P, post(actions::rebuild))
-        .route("/builds/{id}/requeue", P, post(actions::requeue))
-        .route("/builds/{id}/log", G, get(log::viewer))
-        .route("/builds/{id}/log/events", G, get(log::events))
-        .route("/builds/{id}/log/search", G, get(log::search))
-        .route("/projects", G, get(pages::projects))
-        .route("/projects/{project}", G, get(pages::project))
-        .route("/projects/{project}/submit", P, post(actions::submit_to))
-        .route("/projects/{project}/members", P, post(actions::members))
-        .route("/packages/{project}/{package}", G, get(pages::package))
-        .route("/workers", G, get(pages::workers))
-        .route("/workers/{name}", G, get(pages::worker))
-        .route("/workers/{name}/{action}", P, post(actions::worker))
-        .route("/repos", G, get(pages::repos))
-        .route("/repos/{project}/{repo}", G, get(pages::repo))
-        .route("/buildroots", G, get(pages::buildroots))
-        .route("/login", G, get(account::login_page))
-        .route("/login", P, post(account::login))
-        .route("/logout", P, post(account::logout))
-        .route("/account", G, get(account::page))
-        .route("/account/tokens", P, post(account::create_token))
-        .route(
-            "/account/tokens/{label}/revoke",
-            P,
-            post(account::revoke_token),
-        )
-        .route("/admin/users", G, get(account::users))
-        .route("/admin/users", P, post(account::add_user))
-        .route("/admin/audit", G, get(account::audit))
-        .route("/assets/{file}", G, get(assets::serve))
+        .get("/", pages::dashboard)
+        .post("/submit", actions::submit)
+        .get("/search", pages::search)
+        .get("/builds", pages::builds)
+        .get("/builds/{id}", pages::build)
+        .post("/builds/{id}/cancel", actions::cancel)
+        .post("/builds/{id}/rebuild", actions::rebuild)
+        .post("/builds/{id}/requeue", actions::requeue)
+        .get("/builds/{id}/log", log::viewer)
+        .get("/builds/{id}/log/events", log::events)
+        .get("/builds/{id}/log/search", log::search)
+        .get("/projects", pages::projects)
+        .get("/projects/{project}", pages::project)
+        .post("/projects/{project}/submit", actions::submit_to)
+        .post("/projects/{project}/members", actions::members)
+        .get("/packages/{project}/{package}", pages::package)
+        .get("/workers", pages::workers)
+        .get("/workers/{name}", pages::worker)
+        .post("/workers/{name}/{action}", actions::worker)
+        .get("/repos", pages::repos)
+        .get("/repos/{project}/{repo}", pages::repo)
+        .get("/buildroots", pages::buildroots)
+        .get("/login", account::login_page)
+        .post("/login", account::login)
+        .post("/logout", account::logout)
+        .get("/account", account::page)
+        .post("/account/tokens", account::create_token)
+        .post("/account/tokens/{label}/revoke", account::revoke_token)
+        .get("/admin/users", account::users)
+        .post("/admin/users", account::add_user)
+        .get("/admin/audit", account::audit)
+        .get("/assets/{file}", assets::serve)
 }
 
 /// Who is looking at a page: a session's user (with the session's CSRF
@@ -128,10 +154,9 @@ pub struct Viewer {
     pub csrf: Option<String>,
 }
 
-/// A cookie's value from the request.
-pub(crate) fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
-    parts
-        .headers
+/// A cookie's value from the request's headers.
+pub(crate) fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -144,7 +169,7 @@ pub(crate) fn cookie<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
 impl FromRequestParts<Arc<Hub>> for Viewer {
     type Rejection = WebError;
     async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> Result<Self, WebError> {
-        if let Some(secret) = cookie(parts, SESSION_COOKIE)
+        if let Some(secret) = cookie(&parts.headers, SESSION_COOKIE)
             && let Some((s, u)) = crate::accounts::session_of(hub, secret)?
         {
             return Ok(Viewer {

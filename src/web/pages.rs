@@ -199,19 +199,13 @@ pub async fn builds(
     ))
 }
 
-fn parse_build_id(id: &str) -> Result<u64, super::WebError> {
-    id.parse().map_err(|_| {
-        crate::server::ApiError::BadRequest(format!("build id {id:?} is not a number")).into()
-    })
-}
-
 pub async fn build(
     viewer: Viewer,
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> WebResult {
-    let id = parse_build_id(&id)?;
+    let id = crate::server::parse_id(&id)?;
     viewer.read(&hub, &format!("/builds/{id}"))?;
     let detail = hub.db.build_detail(id)?;
     let artifacts = hub.db.artifacts(id)?;
