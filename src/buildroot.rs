@@ -66,21 +66,42 @@ pub fn ids() -> IdMap {
 }
 
 /// What a create request asks for.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CreateRequest {
     pub name: String,
-    /// Only `debian` so far.
+    /// `debian` (mmdebstrap) or `rpm` (dnf --installroot).
     pub bootstrap: String,
+    /// Debian: the suite.
+    #[serde(default)]
     pub suite: String,
+    /// Debian: the mirror (default deb.debian.org).
     pub mirror: Option<String>,
     #[serde(default)]
     pub include: Vec<String>,
+    /// rpm: the distribution release (`$releasever`, e.g. `40`).
+    #[serde(default)]
+    pub release: Option<String>,
+    /// rpm: the repositories' base URLs.
+    #[serde(default)]
+    pub repos: Vec<String>,
 }
 
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 fn check_word(what: &str, v: &str) -> Result<(), BuildrootError> {
     crate::kinds::validate_name(v).map_err(|m| BuildrootError::BadRequest(format!("{what} {m}")))
+}
+
+fn check_url(what: &str, url: &str) -> Result<(), BuildrootError> {
+    if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("file:/"))
+        || url.contains(char::is_whitespace)
+        || url.contains(',')
+    {
+        return Err(BuildrootError::BadRequest(format!(
+            "{what} {url:?} is not an http(s):// or file:/ URL"
+        )));
+    }
+    Ok(())
 }
 
 /// Validates a create request and records the buildroot as `creating`.
@@ -91,26 +112,40 @@ pub fn begin_create(hub: &Hub, req: &CreateRequest) -> Result<Buildroot, Buildro
             "buildroot \"host\" is built in (the host's system dirs)".into(),
         ));
     }
+    for p in &req.include {
+        check_word("package", p)?;
+    }
+    if req.bootstrap == "rpm" {
+        let release = req.release.clone().unwrap_or_default();
+        check_word("release", &release)?;
+        if req.repos.is_empty() {
+            return Err(BuildrootError::BadRequest(
+                "an rpm bootstrap needs at least one --repo URL (the distribution's repository)"
+                    .into(),
+            ));
+        }
+        for r in &req.repos {
+            check_url("repo", r)?;
+        }
+        return begin(
+            hub,
+            &req.name,
+            BuildrootSource::Rpm {
+                release,
+                repos: req.repos.clone(),
+                include: req.include.clone(),
+            },
+        );
+    }
     if req.bootstrap != "debian" {
         return Err(BuildrootError::BadRequest(format!(
-            "bootstrap {:?} is not known; kiln bootstraps \"debian\" (mmdebstrap)",
+            "bootstrap {:?} is not known; kiln bootstraps \"debian\" (mmdebstrap) and \"rpm\" (dnf --installroot)",
             req.bootstrap
         )));
     }
     check_word("suite", &req.suite)?;
-    for p in &req.include {
-        check_word("package", p)?;
-    }
     let mirror = req.mirror.clone().unwrap_or_else(|| DEFAULT_MIRROR.into());
-    if !(mirror.starts_with("http://")
-        || mirror.starts_with("https://")
-        || mirror.starts_with("file:/"))
-        || mirror.contains(char::is_whitespace)
-    {
-        return Err(BuildrootError::BadRequest(format!(
-            "mirror {mirror:?} is not an http(s):// or file:/ URL"
-        )));
-    }
+    check_url("mirror", &mirror)?;
     begin(
         hub,
         &req.name,
@@ -148,7 +183,7 @@ pub fn begin_refresh(hub: &Hub, name: &str) -> Result<Buildroot, BuildrootError>
         .db
         .buildroot(name)?
         .ok_or_else(|| DbError::NotFound(format!("buildroot {name}")))?;
-    if !matches!(br.source, BuildrootSource::Debian { .. }) {
+    if br.source == BuildrootSource::Imported {
         return Err(BuildrootError::BadRequest(format!(
             "buildroot {name} was imported; import it again instead"
         )));
@@ -263,11 +298,53 @@ async fn job(
                 binds: vec![],
             }
         }
+        (
+            BuildrootSource::Rpm {
+                release,
+                repos,
+                include,
+            },
+            _,
+        ) => RootJob {
+            argv: dnf_bootstrap_argv(release, repos, include),
+            network: Network::Host,
+            hardening: Hardening::Bootstrap,
+            binds: vec![],
+        },
         (BuildrootSource::Imported, Some(tar)) => RootJob::unpack(tar),
         (BuildrootSource::Imported, None) => return Err("no tarball to import".into()),
     };
     let work = dir(hub).join(format!("{}.job", br.name));
     job.run(&hub.kiln_exe, &work, target, log).await
+}
+
+/// What an rpm bootstrap installs besides `include`: the build tools, as
+/// mock's minimal buildroot has them.
+pub const RPM_BASE: &[&str] = &["rpm-build", "bash", "coreutils", "findutils", "gcc", "make"];
+
+/// `dnf --installroot` into `/out` from the given repos only (the host's
+/// repo files are not read), for `$releasever` `release`.
+fn dnf_bootstrap_argv(release: &str, repos: &[String], include: &[String]) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "/usr/bin/dnf",
+        "--installroot=/out",
+        "--setopt=reposdir=/nonexistent",
+        "--setopt=cachedir=/build/dnf-cache",
+        "--setopt=install_weak_deps=False",
+        "--setopt=keepcache=False",
+        "--nodocs",
+        "-y",
+    ]
+    .map(String::from)
+    .to_vec();
+    argv.push(format!("--releasever={release}"));
+    for (i, url) in repos.iter().enumerate() {
+        argv.push(format!("--repofrompath=kiln-{i},{url}"));
+    }
+    argv.push("install".into());
+    argv.extend(RPM_BASE.iter().map(|s| s.to_string()));
+    argv.extend(include.iter().cloned());
+    argv
 }
 
 /// A buildroot job's sandbox: the host's system dirs, the buildroot id

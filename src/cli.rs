@@ -339,6 +339,15 @@ pub async fn buildroot_show(client: &Client, name: &str) -> anyhow::Result<()> {
             "source: debian {suite} from {mirror} (+{})",
             include.join(",")
         ),
+        crate::model::BuildrootSource::Rpm {
+            release,
+            repos,
+            include,
+        } => println!(
+            "source: rpm release {release} from {} (+{})",
+            repos.join(" "),
+            include.join(",")
+        ),
         crate::model::BuildrootSource::Imported => println!("source: imported tarball"),
     }
     println!(

@@ -497,6 +497,23 @@ impl Client {
         .await
     }
 
+    /// The RPMs of task `task`'s target repo (its arch and `noarch`) that
+    /// its BuildRequires may use.
+    pub async fn worker_repo_rpms(
+        &self,
+        task: u64,
+        fence: u64,
+    ) -> Result<Vec<crate::model::RepoRpm>> {
+        self.json(
+            self.req(
+                reqwest::Method::GET,
+                &format!("/api/v1/worker/tasks/{task}/rpms"),
+            )
+            .query(&[("fence", fence)]),
+        )
+        .await
+    }
+
     /// A mirror's `.deb` through the hub's cache: the hub downloads `url`
     /// unless it holds the file already; the caller verifies what comes.
     pub async fn worker_deb(

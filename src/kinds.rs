@@ -51,9 +51,59 @@ cp ../*.deb ../*.buildinfo ../*.changes \"$KILN_OUT\"/
 for f in ../*.udeb ../*.ddeb; do [ ! -e \"$f\" ] || cp \"$f\" \"$KILN_OUT\"/; done"
 );
 
+/// Where phase 2 of an `rpm` task finds the source RPM phase 1 made
+/// (read-only), and the project's RPMs its BuildRequires need.
+pub const RPM_SRPM_DIR: &str = "/var/cache/kiln-srpm";
+pub const RPM_DEPS_DIR: &str = "/var/cache/kiln-rpms";
+
+/// Phase 1 of an `rpm` task from a spec, offline: the source RPM, from the
+/// one `.spec` at the top of the tree and its Source/Patch files beside it.
+/// (rpmbuild parses the spec here: a spec that does not parse or a missing
+/// Source file fails this step with rpmbuild's own message.)
+pub const RPM_SRPM_SCRIPT: &str = "for f in ./*.spec; do spec=$f; done
+rpmbuild -bs --nodeps --define \"_topdir /tmp/kiln-rpmbuild\" --define \"_sourcedir $PWD\" \
+  --define \"_srcrpmdir $KILN_OUT\" \"$spec\"";
+
+/// Phase 2, offline: install the project's packages the BuildRequires
+/// name, then rebuild the source RPM for the target's arch (%prep, %build,
+/// %check, %install) and keep the binary RPMs and the source RPM. A root
+/// whose rpmdb is empty (a Debian base with Debian's rpm) cannot answer for
+/// the BuildRequires its base provides, so there rpm checks no dependencies.
+pub const RPM_BUILD_SCRIPT: &str = "srpm=
+for f in /var/cache/kiln-srpm/*.src.rpm ./*.src.rpm; do [ ! -e \"$f\" ] || srpm=$f; done
+nodeps=
+if [ -z \"$(rpm -qa 2>/dev/null | head -n 1)\" ]; then
+  nodeps=--nodeps
+  echo \"kiln: this buildroot's rpmdb is empty (a Debian base): BuildRequires that the project's repo does not provide come from the base, unchecked\"
+fi
+set -- /var/cache/kiln-rpms/*.rpm
+if [ -e \"$1\" ]; then
+  echo \"kiln: installing $# package(s) from the project's repo for BuildRequires\"
+  rpm -Uvh --nosignature $nodeps \"$@\"
+fi
+rpmbuild --rebuild $nodeps --define \"_topdir /tmp/kiln-rpmbuild\" --target \"$KILN_RPM_ARCH\" \"$srpm\"
+cp /tmp/kiln-rpmbuild/RPMS/*/*.rpm \"$srpm\" \"$KILN_OUT\"/";
+
+/// The RPM architecture of a target's (Debian-named) architecture.
+pub fn rpm_arch(debian_arch: &str) -> Option<&'static str> {
+    Some(match debian_arch {
+        "amd64" | "x86_64" => "x86_64",
+        "arm64" | "aarch64" => "aarch64",
+        "i386" | "i686" => "i686",
+        "ppc64el" | "ppc64le" => "ppc64le",
+        "s390x" => "s390x",
+        "armhf" => "armv7hl",
+        "riscv64" => "riscv64",
+        "all" | "noarch" => "noarch",
+        _ => return None,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("neither kiln.toml, debian/control nor a .dsc at the top of the source tree")]
+    #[error(
+        "no kiln.toml, debian/control, .spec, .src.rpm or .dsc at the top of the source tree"
+    )]
     Missing,
     #[error("{0}")]
     Dsc(String),
@@ -65,6 +115,8 @@ pub enum RecipeError {
     Read(String),
     #[error("debian/control: {0}")]
     Control(String),
+    #[error("{0}")]
+    Rpm(String),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -256,8 +308,50 @@ impl Recipe {
         Ok(Recipe::deb_named(source.to_string()))
     }
 
+    fn rpm_named(name: String) -> Recipe {
+        Recipe {
+            package: PackageSection {
+                name: Some(name),
+                kind: Some("rpm".into()),
+            },
+            build: BuildSection {
+                script: RPM_BUILD_SCRIPT.into(),
+            },
+            outputs: OutputsSection {
+                files: vec!["*.rpm".into()],
+            },
+        }
+    }
+
+    /// The recipe of a tree with one `.spec` at its top: the package is the
+    /// spec's `Name:` (its `%global`/`%define`s expanded), else the file's
+    /// stem. rpmbuild itself judges the rest of the spec in the build.
+    pub fn spec(file: &str, spec: &[u8]) -> Result<Recipe, RecipeError> {
+        let bad = |m: String| RecipeError::Rpm(format!("{file}: {m}"));
+        let text = std::str::from_utf8(spec).map_err(|_| bad("not UTF-8".into()))?;
+        let name = spec_name(text)
+            .unwrap_or_else(|| file.trim_end_matches(".spec").to_string());
+        validate_name(&name).map_err(|m| bad(format!("Name {m}")))?;
+        Ok(Recipe::rpm_named(name))
+    }
+
+    /// The recipe of an uploaded source RPM: its header must read as a
+    /// source package's.
+    pub fn srpm(file: &str, bytes: &[u8]) -> Result<Recipe, RecipeError> {
+        let bad = |m: String| RecipeError::Rpm(format!("{file}: not a usable source RPM: {m}"));
+        let info = crate::publish::rpm::inspect(bytes).map_err(|e| bad(e.to_string()))?;
+        if info.arch != "src" {
+            return Err(bad(format!(
+                "its header says it is a binary package (arch {})",
+                info.arch
+            )));
+        }
+        validate_name(&info.name).map_err(|m| bad(format!("Name {m}")))?;
+        Ok(Recipe::rpm_named(info.name))
+    }
+
     /// The recipe of a checked-out or pending tree: kiln.toml, else
-    /// debian/control.
+    /// debian/control, else one `.spec`, `.src.rpm` or `.dsc` at the top.
     pub fn of_tree(
         tree: &Tree,
         read: impl Fn(&str) -> Result<Option<Vec<u8>>, RecipeError>,
@@ -268,29 +362,38 @@ impl Recipe {
         if let Some(c) = read(DEB_CONTROL)? {
             return Recipe::deb(&c);
         }
-        let dscs: Vec<&str> = tree
-            .entries
-            .iter()
-            .filter(|e| !e.path.contains('/') && e.path.ends_with(".dsc"))
-            .map(|e| e.path.as_str())
-            .collect();
-        match dscs[..] {
-            [] => Err(RecipeError::Missing),
-            [one] => {
-                let b =
-                    read(one)?.ok_or_else(|| RecipeError::Dsc(format!("{one} is not a file")))?;
-                Recipe::dsc(one, &b, tree)
+        let top = |ext: &str| -> Vec<&str> {
+            tree.entries
+                .iter()
+                .filter(|e| !e.path.contains('/') && e.path.ends_with(ext))
+                .map(|e| e.path.as_str())
+                .collect()
+        };
+        let (specs, srpms, dscs) = (top(".spec"), top(".src.rpm"), top(".dsc"));
+        let found: Vec<&str> = specs.iter().chain(&srpms).chain(&dscs).copied().collect();
+        let [one] = found[..] else {
+            if found.is_empty() {
+                return Err(RecipeError::Missing);
             }
-            _ => Err(RecipeError::Dsc(format!(
-                "more than one .dsc at the top of the tree: {}",
-                dscs.join(", ")
-            ))),
+            return Err(RecipeError::Read(format!(
+                "more than one package source at the top of the tree: {} (keep one .spec, .src.rpm or .dsc)",
+                found.join(", ")
+            )));
+        };
+        let b = read(one)?.ok_or_else(|| RecipeError::Read(format!("{one} is not a file")))?;
+        if one.ends_with(".spec") {
+            Recipe::spec(one, &b)
+        } else if one.ends_with(".src.rpm") {
+            Recipe::srpm(one, &b)
+        } else {
+            Recipe::dsc(one, &b, tree)
         }
     }
 
     pub fn kind(&self) -> PackageKind {
         match self.package.kind.as_deref() {
             Some("deb") => PackageKind::Deb,
+            Some("rpm") => PackageKind::Rpm,
             _ => PackageKind::Script,
         }
     }
@@ -317,6 +420,36 @@ impl Recipe {
             self.build.script.clone(),
         ]
     }
+}
+
+/// A spec's `Name:`, with `%global`/`%define` macros it uses expanded;
+/// None when it has none or it still names a macro kiln cannot expand.
+fn spec_name(text: &str) -> Option<String> {
+    let mut macros: Vec<(String, String)> = Vec::new();
+    let mut name = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line
+            .strip_prefix("%global")
+            .or_else(|| line.strip_prefix("%define"))
+        {
+            let mut it = rest.split_whitespace();
+            if let (Some(k), Some(v)) = (it.next(), it.next()) {
+                macros.push((k.to_string(), v.to_string()));
+            }
+        } else if let Some((tag, value)) = line.split_once(':')
+            && tag.trim().eq_ignore_ascii_case("name")
+            && name.is_none()
+        {
+            name = Some(value.trim().to_string());
+        }
+    }
+    let mut name = name?;
+    for (k, v) in &macros {
+        name = name
+            .replace(&format!("%{{{k}}}"), v)
+            .replace(&format!("%{k}"), v);
+    }
+    (!name.contains('%') && !name.is_empty()).then_some(name)
 }
 
 /// The file names a `.dsc` lists in `Checksums-Sha256` (or `Files`).

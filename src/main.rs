@@ -68,20 +68,29 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BuildrootCmd {
-    /// Bootstrap a root (mmdebstrap, buildd variant) and follow its progress.
+    /// Bootstrap a root and follow its progress: `debian` (mmdebstrap,
+    /// buildd variant; --suite, --mirror) or `rpm` (dnf --installroot;
+    /// --release, --repo).
     Create {
         name: String,
-        /// Only `debian` so far.
         #[arg(long, default_value = "debian")]
         bootstrap: String,
-        #[arg(long)]
+        /// Debian suite (bookworm, trixie, ...).
+        #[arg(long, default_value = "")]
         suite: String,
         /// Default http://deb.debian.org/debian.
         #[arg(long)]
         mirror: Option<String>,
-        /// Extra packages, comma-separated.
+        /// Extra packages, comma-separated (`--include rpm` gives a Debian
+        /// root rpmbuild).
         #[arg(long, value_delimiter = ',')]
         include: Vec<String>,
+        /// rpm: the distribution's release (dnf's $releasever).
+        #[arg(long)]
+        release: Option<String>,
+        /// rpm: a repository base URL (repeat for several).
+        #[arg(long = "repo")]
+        repos: Vec<String>,
     },
     /// Import a root filesystem tarball (.tar, .tar.zst, .tar.gz, .tar.xz).
     Import {
@@ -499,6 +508,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     suite,
                     mirror,
                     include,
+                    release,
+                    repos,
                 } => {
                     let req = kiln::buildroot::CreateRequest {
                         name: name.clone(),
@@ -506,6 +517,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                         suite: suite.clone(),
                         mirror: mirror.clone(),
                         include: include.clone(),
+                        release: release.clone(),
+                        repos: repos.clone(),
                     };
                     c.create_buildroot(&req).await?;
                     return kiln::cli::follow_buildroot(&c, name).await;

@@ -43,6 +43,8 @@ pub enum PackageKind {
     Script,
     /// A Debian source package (debian/ at the top), built with dpkg-buildpackage.
     Deb,
+    /// An RPM spec file with its sources, or a source RPM, built with rpmbuild.
+    Rpm,
 }
 
 impl std::fmt::Display for PackageKind {
@@ -50,6 +52,7 @@ impl std::fmt::Display for PackageKind {
         f.write_str(match self {
             PackageKind::Script => "script",
             PackageKind::Deb => "deb",
+            PackageKind::Rpm => "rpm",
         })
     }
 }
@@ -283,6 +286,48 @@ pub struct RepoDeb {
     pub build: BuildId,
 }
 
+/// An RPM in a repo (binary or source), signed with the project's key:
+/// the newest build of each name and arch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RepoRpm {
+    pub name: String,
+    pub epoch: u32,
+    pub version: String,
+    pub release: String,
+    /// RPM arch: `x86_64`, `noarch`, `src`, ...
+    pub arch: String,
+    /// Path in the repo, `Packages/<c>/<name>-<version>-<release>.<arch>.rpm`.
+    pub location: String,
+    /// The signed file's blob.
+    pub digest: Digest,
+    pub size: u64,
+    /// Capability names it provides and requires (for BuildRequires).
+    pub provides: Vec<String>,
+    pub requires: Vec<String>,
+    /// Its primary/filelists/other XML, rendered once.
+    pub fragments: crate::publish::rpm::Fragments,
+    pub build: BuildId,
+}
+
+impl RepoRpm {
+    /// `name-[epoch:]version-release`.
+    pub fn nevr(&self) -> String {
+        match self.epoch {
+            0 => format!("{}-{}-{}", self.name, self.version, self.release),
+            e => format!("{}-{e}:{}-{}", self.name, self.version, self.release),
+        }
+    }
+}
+
+/// What a successful task adds to its target's repo.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepoAdd {
+    pub project: String,
+    pub repo: String,
+    pub debs: Vec<RepoDeb>,
+    pub rpms: Vec<RepoRpm>,
+}
+
 /// A file a repo serves: its blob.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RepoFileRef {
@@ -318,6 +363,13 @@ pub enum BuildrootSource {
     },
     /// An uploaded root filesystem tarball.
     Imported,
+    /// `dnf --installroot DIR --releasever RELEASE` from `repos`, installing
+    /// the build tools (`rpm-build` and the `include`d packages), as mock does.
+    Rpm {
+        release: String,
+        repos: Vec<String>,
+        include: Vec<String>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -51,6 +51,7 @@ pub(crate) fn routes(max_blob_bytes: u64) -> crate::web::Routes {
             post(live_log).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .get("/api/v1/worker/tasks/{id}/repo", task_repo)
+        .get("/api/v1/worker/tasks/{id}/rpms", task_repo_rpms)
         .get("/api/v1/worker/buildroots/{name}", buildroot_export)
         .get("/api/v1/worker/debs/{hex}", deb)
         .post("/api/v1/worker/blobs/missing", missing)
@@ -369,6 +370,23 @@ async fn task_repo(
     Ok(Json(crate::worker::target_repo_debs(&hub, &target)?))
 }
 
+/// `GET /api/v1/worker/tasks/ID/rpms?fence=F`: the RPMs of the task's
+/// target repo its BuildRequires may use (the target's arch and `noarch`).
+async fn task_repo_rpms(
+    caller: WorkerCaller,
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<FenceQuery>,
+) -> ApiResult<Json<Vec<crate::model::RepoRpm>>> {
+    let id = parse_task_id(&id)?;
+    let (t, _) = leased_task(&hub, &caller, id, Some(q.fence))?;
+    let build = hub.db.build(t.build)?;
+    let Some(target) = hub.db.target(&build.project, &t.target)? else {
+        return Ok(Json(vec![]));
+    };
+    Ok(Json(crate::worker::target_repo_rpms(&hub, &target)?))
+}
+
 /// `GET /api/v1/worker/buildroots/NAME`: the export of the buildroot's
 /// current generation (made on the first ask), whose blob the worker then
 /// downloads from `/cas/sha256/`.
@@ -513,8 +531,8 @@ async fn end(
     if end.outcome.succeeded()
         && let Some(t) = hub.db.target(&build.project, &task.target)?
     {
-        match crate::worker::debs_for_repo(&hub, &end.artifacts, build.id).await {
-            Ok(debs) => end.publish = Some((t.project.clone(), t.repo.clone(), debs)),
+        match crate::repos::packages_for_repo(&hub, &end.artifacts, build.id, &t, true).await {
+            Ok(add) => end.publish = Some(add),
             Err(e) => end.outcome = Outcome::Outputs(e.to_string()),
         }
     }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use crate::cas::{Cas, CasError, Digest};
 use crate::db::DbError;
 use crate::hub::Hub;
-use crate::model::{BuildId, Repo, RepoDeb, RepoFileRef};
+use crate::model::{BuildId, Repo, RepoAdd, RepoDeb, RepoFileRef, RepoRpm};
 use crate::publish::{self, IndexCache, PoolEntry, RepoKey, Stanza, SuiteConfig};
 
 /// The one component kiln's repos publish.
@@ -29,6 +29,8 @@ pub const COMPONENT: &str = "main";
 pub enum RepoError {
     #[error("{path}: not a usable .deb: {why}")]
     BadDeb { path: String, why: String },
+    #[error("{path}: not a usable RPM: {why}")]
+    BadRpm { path: String, why: String },
     #[error("repo {0}: {1}")]
     Publish(String, String),
     #[error(transparent)]
@@ -72,8 +74,138 @@ pub fn deb_for_repo(
     })
 }
 
-/// A repo's publish lock, holding its index cache.
-type RepoSlot = Arc<tokio::sync::Mutex<IndexCache>>;
+/// Reads a built RPM from the store; when `key` is given, signs it (a v4
+/// header signature, so `gpgcheck=1` passes), stores the signed file and
+/// renders its repodata fragments from it. Without a key (a remote worker
+/// checking its own outputs) the file is only read and checked.
+pub fn rpm_for_repo(
+    cas: &Cas,
+    path: &str,
+    digest: &Digest,
+    build: BuildId,
+    key: Option<&RepoKey>,
+) -> Result<RepoRpm, RepoError> {
+    let bad = |why: String| RepoError::BadRpm {
+        path: path.to_string(),
+        why,
+    };
+    let mut bytes = cas.get_bytes(digest)?;
+    let mut stored = *digest;
+    if let Some(key) = key {
+        bytes = publish::rpm::sign(&bytes, key).map_err(|e| bad(e.to_string()))?;
+        stored = cas.put_bytes(&bytes)?;
+    }
+    let info = publish::rpm::inspect(&bytes).map_err(|e| bad(e.to_string()))?;
+    if path.ends_with(".src.rpm") != (info.arch == "src") {
+        return Err(bad(format!(
+            "its name and its header disagree on whether it is a source RPM (arch {})",
+            info.arch
+        )));
+    }
+    Ok(RepoRpm {
+        name: info.name,
+        epoch: info.epoch,
+        version: info.version,
+        release: info.release,
+        arch: info.arch,
+        location: info.location,
+        digest: stored,
+        size: info.size,
+        provides: info.provides,
+        requires: info.requires,
+        fragments: info.fragments,
+        build,
+    })
+}
+
+/// What a successful task's artifacts add to its target's repo: its
+/// `.deb`s and RPMs (source RPMs too), read, checked and (RPMs, on the hub)
+/// signed with the project's key. `sign` is false where the key is not
+/// (a remote worker checking its outputs before it reports them).
+pub async fn packages_for_repo(
+    hub: &Arc<Hub>,
+    artifacts: &[crate::model::Artifact],
+    build: BuildId,
+    target: &crate::model::Target,
+    sign: bool,
+) -> Result<RepoAdd, RepoError> {
+    let pick = |ext: &str| -> Vec<(String, Digest)> {
+        artifacts
+            .iter()
+            .filter(|a| a.path.ends_with(ext))
+            .map(|a| (a.path.clone(), a.digest))
+            .collect()
+    };
+    let (debs, rpms) = (pick(".deb"), pick(".rpm"));
+    let (h, project, repo) = (hub.clone(), target.project.clone(), target.repo.clone());
+    tokio::task::spawn_blocking(move || {
+        let key = match (sign, rpms.is_empty()) {
+            (true, false) => Some(project_key(&h, &project)?),
+            _ => None,
+        };
+        Ok(RepoAdd {
+            debs: debs
+                .iter()
+                .map(|(path, digest)| deb_for_repo(&h.cas, path, digest, build))
+                .collect::<Result<_, _>>()?,
+            rpms: rpms
+                .iter()
+                .map(|(path, digest)| rpm_for_repo(&h.cas, path, digest, build, key.as_ref()))
+                .collect::<Result<_, _>>()?,
+            project,
+            repo,
+        })
+    })
+    .await
+    .map_err(|e| RepoError::Publish("task".into(), e.to_string()))?
+}
+
+/// The project's signing key.
+fn project_key(hub: &Hub, project: &str) -> Result<RepoKey, RepoError> {
+    let key = hub
+        .db
+        .project_key(project)?
+        .ok_or_else(|| RepoError::NoKey(project.to_string()))?;
+    RepoKey::from_armored_secret(&key).map_err(|e| RepoError::Publish(project.into(), e.to_string()))
+}
+
+/// What a repo's publishes keep for the next one: compressed chunks of
+/// its apt indexes and of its repodata.
+#[derive(Default)]
+struct Caches {
+    apt: IndexCache,
+    rpm: publish::rpm::RepodataCache,
+}
+
+/// The RPMs of `repo` that satisfy `requires` (capability names), with
+/// what they require from the same repo, each once. Names the repo does
+/// not provide are left to the buildroot.
+pub fn build_requires<'a>(repo: &'a [RepoRpm], requires: &[String]) -> Vec<&'a RepoRpm> {
+    let mut picked: Vec<&RepoRpm> = Vec::new();
+    let mut wanted: Vec<&str> = requires.iter().map(String::as_str).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(cap) = wanted.pop() {
+        if !seen.insert(cap) {
+            continue;
+        }
+        // The newest build among the providers (a repo keeps one per name and arch).
+        let Some(p) = repo
+            .iter()
+            .filter(|p| p.arch != "src" && p.provides.iter().any(|n| n == cap))
+            .max_by_key(|p| p.build)
+        else {
+            continue;
+        };
+        if !picked.iter().any(|q| std::ptr::eq(*q, p)) {
+            picked.push(p);
+            wanted.extend(p.requires.iter().map(String::as_str));
+        }
+    }
+    picked
+}
+
+/// A repo's publish lock, holding its caches.
+type RepoSlot = Arc<tokio::sync::Mutex<Caches>>;
 
 /// Per-repo publish locks and index caches, by (project, repo).
 #[derive(Default)]
@@ -136,7 +268,7 @@ fn publish_once(
     hub: &Hub,
     project: &str,
     repo: &str,
-    cache: &mut IndexCache,
+    cache: &mut Caches,
 ) -> Result<Repo, RepoError> {
     let name = format!("{project}/{repo}");
     let r = hub
@@ -144,12 +276,8 @@ fn publish_once(
         .repo(project, repo)?
         .ok_or_else(|| DbError::NotFound(format!("repo {name}")))?;
     let debs = hub.db.repo_debs(project, repo)?;
-    let key = hub
-        .db
-        .project_key(project)?
-        .ok_or_else(|| RepoError::NoKey(project.to_string()))?;
-    let key = RepoKey::from_armored_secret(&key)
-        .map_err(|e| RepoError::Publish(name.clone(), e.to_string()))?;
+    let rpms = hub.db.repo_rpms(project, repo)?;
+    let key = project_key(hub, project)?;
     let stanzas = debs
         .iter()
         .map(|d| Stanza::from_cached(d.stanza.clone()))
@@ -165,11 +293,23 @@ fn publish_once(
         description: Some(format!("Packages of {project}, built by kiln")),
     };
     let now = time::OffsetDateTime::now_utc();
-    let files = publish::publish(&cfg, &stanzas, now, &key, cache)
+    let mut files = publish::publish(&cfg, &stanzas, now, &key, &mut cache.apt)
         .map_err(|e| RepoError::Publish(name.clone(), e.to_string()))?;
+    // dnf's repodata, for a repo that holds RPMs (repomd.xml comes last).
+    if !rpms.is_empty() {
+        let repodata = publish::rpm::build_repodata(
+            rpms.iter().map(|p| &p.fragments),
+            r.revision,
+            now.unix_timestamp(),
+            &key,
+            &mut cache.rpm,
+        )
+        .map_err(|e| RepoError::Publish(name.clone(), e.to_string()))?;
+        files.extend(repodata);
+    }
     // Blobs first, durable; the database switch names only stored blobs.
     let mut batch = hub.cas.batch();
-    let mut refs = Vec::with_capacity(files.len() + debs.len());
+    let mut refs = Vec::with_capacity(files.len() + debs.len() + rpms.len());
     for f in &files {
         let digest = batch.put_bytes(&f.data)?;
         refs.push((
@@ -190,12 +330,22 @@ fn publish_once(
             },
         ));
     }
+    for p in &rpms {
+        refs.push((
+            p.location.clone(),
+            RepoFileRef {
+                digest: p.digest,
+                size: p.size,
+            },
+        ));
+    }
     let published = hub.db.record_publish(project, repo, r.revision, &refs)?;
-    tracing::info!(repo = %name, revision = r.revision, packages = debs.len(), "published");
+    tracing::info!(repo = %name, revision = r.revision, debs = debs.len(), rpms = rpms.len(), "published");
     Ok(published)
 }
 
-/// The lines that make apt use a repo: one-line and deb822 forms.
+/// The lines that make apt use a repo (one-line and deb822 forms) and
+/// dnf's `.repo` file.
 pub fn sources(base_url: &str, project: &str, repo: &str) -> RepoSources {
     let url = format!("{base_url}/repos/{project}/{repo}");
     let key_url = format!("{base_url}/repos/{project}/key.asc");
@@ -206,9 +356,20 @@ pub fn sources(base_url: &str, project: &str, repo: &str) -> RepoSources {
             "Types: deb\nURIs: {url}\nSuites: {repo}\nComponents: {COMPONENT}\nSigned-By: {key_path}\n"
         ),
         key_install: format!("curl -fsSL {key_url} -o {key_path}"),
+        dnf_repo_url: format!("{base_url}/repos/{project}/{repo}.repo"),
+        dnf_repo: dnf_repo_file(&url, &key_url, project, repo),
         url,
         key_url,
     }
+}
+
+/// The `.repo` file that makes dnf use a repo: packages and repodata both
+/// signature-checked against the project's key.
+pub fn dnf_repo_file(url: &str, key_url: &str, project: &str, repo: &str) -> String {
+    format!(
+        "[kiln-{project}-{repo}]\nname=kiln {project} {repo}\nbaseurl={url}/\nenabled=1\n\
+         gpgcheck=1\nrepo_gpgcheck=1\ngpgkey={key_url}\nmetadata_expire=60\n"
+    )
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -221,4 +382,8 @@ pub struct RepoSources {
     pub deb822: String,
     /// How to fetch the key to where `signed-by` points.
     pub key_install: String,
+    /// Where dnf users fetch the `.repo` file (into /etc/yum.repos.d/).
+    pub dnf_repo_url: String,
+    /// The `.repo` file itself.
+    pub dnf_repo: String,
 }

@@ -37,6 +37,34 @@ pub struct Submission {
     pub origin: Option<crate::gitsrc::GitOrigin>,
 }
 
+/// An `rpm` build needs a target whose arch RPM knows and whose buildroot
+/// has rpmbuild.
+fn check_rpm_target(hub: &Hub, t: &crate::model::Target) -> Result<(), SubmitError> {
+    if crate::kinds::rpm_arch(&t.arch).is_none() {
+        return Err(SubmitError::BadName(format!(
+            "target {} has arch {:?}, which RPM has no name for (kiln knows amd64, arm64, i386, ppc64el, s390x, armhf, riscv64)",
+            t.name, t.arch
+        )));
+    }
+    if t.buildroot == HOST_TARGET {
+        return Err(SubmitError::BadName(format!(
+            "target {} builds on the host; an RPM builds in a buildroot (kiln buildroot create … --include rpm, or --bootstrap rpm)",
+            t.name
+        )));
+    }
+    if let Some(br) = hub.db.buildroot(&t.buildroot)?.filter(|b| b.ready.is_some())
+        && !crate::buildroot::root_path(hub, &br)
+            .join("usr/bin/rpmbuild")
+            .exists()
+    {
+        return Err(SubmitError::BadName(format!(
+            "target {}: buildroot {} has no rpmbuild (make it with --include rpm, or --bootstrap rpm)",
+            t.name, t.buildroot
+        )));
+    }
+    Ok(())
+}
+
 /// Validates the recipe of an ingested (not yet committed) tree, commits its
 /// blobs, and records the build with its queued task in one transaction.
 /// Blobs are durable before the database refers to them; a rejected
@@ -62,8 +90,8 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
     };
     let mut targets = sub.targets.clone();
     if targets.is_empty() {
-        if recipe.kind() == PackageKind::Deb {
-            // A deb builds on every buildroot target of its project.
+        if matches!(recipe.kind(), PackageKind::Deb | PackageKind::Rpm) {
+            // A deb or an rpm builds on every buildroot target of its project.
             targets = hub
                 .db
                 .targets(&sub.project)?
@@ -73,8 +101,9 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
                 .collect();
             if targets.is_empty() {
                 return Err(SubmitError::BadName(format!(
-                    "project {} has no target with a buildroot to build a Debian package on (kiln target add)",
-                    sub.project
+                    "project {} has no target with a buildroot to build a {} package on (kiln target add)",
+                    sub.project,
+                    if recipe.kind() == PackageKind::Rpm { "RPM" } else { "Debian" }
                 )));
             }
         } else {
@@ -84,11 +113,17 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
     targets.sort();
     targets.dedup();
     for t in &targets {
-        if t != HOST_TARGET && hub.db.target(&sub.project, t)?.is_none() {
+        if t == HOST_TARGET {
+            continue;
+        }
+        let Some(target) = hub.db.target(&sub.project, t)? else {
             return Err(SubmitError::BadName(format!(
                 "project {} has no target {t:?} (kiln target list {})",
                 sub.project, sub.project
             )));
+        };
+        if recipe.kind() == PackageKind::Rpm {
+            check_rpm_target(hub, &target)?;
         }
     }
     let sde = pending.max_mtime.max(0);

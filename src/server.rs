@@ -283,6 +283,7 @@ pub(crate) fn routes(max_upload_bytes: u64) -> crate::web::Routes {
         .post("/api/v1/buildroots/{name}/refresh", refresh_buildroot)
         .put("/api/v1/buildroots/{name}/import", import_buildroot)
         .get("/repos/{project}/key.asc", repo_key)
+        .get("/repos/{project}/{repo}", dnf_repo_file)
         .get("/repos/{project}/{repo}/{*path}", repo_file)
         .get("/cas/sha256/{hex}", get_blob)
         .merge(crate::web::routes())
@@ -996,7 +997,40 @@ pub struct RepoView {
     #[serde(flatten)]
     pub repo: Repo,
     pub packages: Vec<RepoDeb>,
+    /// Its RPMs (binary and source).
+    #[serde(default)]
+    pub rpms: Vec<RpmView>,
     pub sources: crate::repos::RepoSources,
+}
+
+/// An RPM in a repo, as the API lists it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RpmView {
+    pub name: String,
+    pub epoch: u32,
+    pub version: String,
+    pub release: String,
+    pub arch: String,
+    pub location: String,
+    pub digest: crate::cas::Digest,
+    pub size: u64,
+    pub build: BuildId,
+}
+
+impl From<&crate::model::RepoRpm> for RpmView {
+    fn from(p: &crate::model::RepoRpm) -> RpmView {
+        RpmView {
+            name: p.name.clone(),
+            epoch: p.epoch,
+            version: p.version.clone(),
+            release: p.release.clone(),
+            arch: p.arch.clone(),
+            location: p.location.clone(),
+            digest: p.digest,
+            size: p.size,
+            build: p.build,
+        }
+    }
 }
 
 /// The hub's address for the lines we hand out: `server.public_url`, else
@@ -1023,9 +1057,11 @@ async fn get_repo(
         .repo(&project, &repo)?
         .ok_or_else(|| ApiError::NotFound(format!("repo {project}/{repo} not found")))?;
     let packages = hub.db.repo_debs(&project, &repo)?;
+    let rpms = hub.db.repo_rpms(&project, &repo)?;
     Ok(Json(RepoView {
         repo: r,
         packages,
+        rpms: rpms.iter().map(RpmView::from).collect(),
         sources: crate::repos::sources(&base_url(&hub, &headers), &project, &repo),
     }))
 }
@@ -1050,6 +1086,29 @@ async fn repo_key(State(hub): State<Arc<Hub>>, Path(project): Path<String>) -> A
         .into_response())
 }
 
+/// `/repos/P/R.repo`: the `.repo` file dnf users drop into
+/// /etc/yum.repos.d/. Public, like the repo.
+async fn dnf_repo_file(
+    State(hub): State<Arc<Hub>>,
+    Path((project, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let repo = file.strip_suffix(".repo").ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "/repos/{project}/{file}: a repo's files are under /repos/{project}/{file}/, its dnf set-up at /repos/{project}/{file}.repo"
+        ))
+    })?;
+    hub.db
+        .repo(&project, repo)?
+        .ok_or_else(|| ApiError::NotFound(format!("repo {project}/{repo} not found")))?;
+    let s = crate::repos::sources(&base_url(&hub, &headers), &project, repo);
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        s.dnf_repo,
+    )
+        .into_response())
+}
+
 async fn repo_file(
     State(hub): State<Arc<Hub>>,
     Path((project, repo, path)): Path<(String, String, String)>,
@@ -1065,8 +1124,13 @@ async fn repo_file(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    // Names under by-hash/ and pool/ never change content; the rest does.
-    let cache = if path.contains("/by-hash/") || path.starts_with("pool/") {
+    // Names under by-hash/, pool/ and Packages/, and repodata files named
+    // by their hash, never change content; the rest does.
+    let cache = if path.contains("/by-hash/")
+        || path.starts_with("pool/")
+        || path.starts_with("Packages/")
+        || (path.starts_with("repodata/") && !path.starts_with("repodata/repomd.xml"))
+    {
         "public, max-age=31536000, immutable"
     } else {
         "no-cache"

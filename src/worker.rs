@@ -198,7 +198,7 @@ pub async fn run_leased(hub: &Arc<Hub>, slot: u32, worker: &str, leased: Leased)
 /// The repo a recorded end makes due: a success with packages for one.
 pub(crate) fn publish_target(end: &TaskEnd) -> Option<(String, String)> {
     match (&end.outcome, &end.publish) {
-        (Outcome::Succeeded, Some((p, r, _))) => Some((p.clone(), r.clone())),
+        (Outcome::Succeeded, Some(add)) => Some((add.project.clone(), add.repo.clone())),
         _ => None,
     }
 }
@@ -452,6 +452,18 @@ async fn execute(
             )
             .await
         }
+        crate::model::PackageKind::Rpm => {
+            run_rpm(
+                hub,
+                &spec,
+                &work,
+                target.as_ref(),
+                inputs,
+                tx,
+                run_cancel.clone(),
+            )
+            .await
+        }
         crate::model::PackageKind::Script => {
             sandbox::run(&hub.kiln_exe, &spec, &work, tx, run_cancel.clone()).await
         }
@@ -502,15 +514,18 @@ async fn execute(
                 }
                 log.note(&format!("kept {} output file(s)", end.artifacts.len()))?;
                 if let Some(t) = &target {
-                    match debs_for_repo(hub, &end.artifacts, build.id).await {
-                        Ok(debs) => {
+                    let sign = matches!(inputs, Inputs::Hub);
+                    match crate::repos::packages_for_repo(hub, &end.artifacts, build.id, t, sign)
+                        .await
+                    {
+                        Ok(add) => {
                             log.note(&format!(
                                 "{} package(s) go into repo {}/{}",
-                                debs.len(),
+                                add.debs.len() + add.rpms.len(),
                                 t.project,
                                 t.repo
                             ))?;
-                            end.publish = Some((t.project.clone(), t.repo.clone(), debs));
+                            end.publish = Some(add);
                         }
                         Err(e) => {
                             log.note(&format!("outputs rejected: {e}"))?;
@@ -635,6 +650,164 @@ async fn run_deb(
     sandbox::run(&hub.kiln_exe, &spec, work, log, cancel).await
 }
 
+/// An `rpm` task in two offline sandbox runs on fresh views of its
+/// buildroot, as Koji does it: make the source RPM from the spec (skipped
+/// for an uploaded `.src.rpm`), then rebuild it into binary RPMs for the
+/// target's arch. Between the two, the source RPM's BuildRequires that the
+/// target repo's own RPMs provide are picked (with what those need from
+/// the same repo) and handed to the second run to install.
+async fn run_rpm(
+    hub: &Arc<Hub>,
+    spec: &Spec,
+    work: &Path,
+    target: Option<&crate::model::Target>,
+    inputs: Inputs<'_>,
+    log: std::os::fd::OwnedFd,
+    cancel: CancellationToken,
+) -> Result<sandbox::Outcome, sandbox::SandboxError> {
+    use std::io::Write as _;
+    let prepare = |what: &str| {
+        let what = what.to_string();
+        move |source| sandbox::SandboxError::Prepare { what, source }
+    };
+    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(prepare("duplicating the log fd"));
+    let mut note = std::fs::File::from(dup(&log)?);
+    let Some(t) = target else {
+        return Ok(sandbox::Outcome::Infra(
+            "an rpm task needs a target with a buildroot".into(),
+        ));
+    };
+    let Some(arch) = crate::kinds::rpm_arch(&t.arch) else {
+        return Ok(sandbox::Outcome::Infra(format!(
+            "target {} has arch {}, which RPM has no name for",
+            t.name, t.arch
+        )));
+    };
+    let mut spec = spec.clone();
+    spec.env.push(("KILN_RPM_ARCH".into(), arch.into()));
+    let top_srpm = |dir: &Path| -> Option<PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".src.rpm"))
+    };
+    let srpm = match top_srpm(&spec.build_dir) {
+        Some(uploaded) => {
+            let _ = writeln!(note, "kiln: building the uploaded source RPM");
+            uploaded
+        }
+        None => {
+            let out = work.join("srpm");
+            std::fs::create_dir_all(&out).map_err(prepare("creating the srpm dir"))?;
+            let phase1 = Spec {
+                out_dir: out.clone(),
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-e".into(),
+                    "-c".into(),
+                    crate::kinds::RPM_SRPM_SCRIPT.into(),
+                ],
+                ..spec.clone()
+            };
+            let _ = writeln!(note, "kiln: making the source RPM from the spec");
+            let o = sandbox::run(
+                &hub.kiln_exe,
+                &phase1,
+                &work.join("srpm-run"),
+                dup(&log)?,
+                cancel.clone(),
+            )
+            .await?;
+            if !o.success() {
+                let _ = writeln!(note, "kiln: making the source RPM failed");
+                return Ok(o);
+            }
+            let Some(made) = top_srpm(&out) else {
+                let _ = writeln!(note, "kiln: rpmbuild -bs wrote no source RPM");
+                return Ok(sandbox::Outcome::Exited(1));
+            };
+            spec.binds.push(sandbox::Bind {
+                host: out,
+                path: crate::kinds::RPM_SRPM_DIR.into(),
+                writable: false,
+            });
+            made
+        }
+    };
+    // BuildRequires from the project's repo.
+    let requires = std::fs::read(&srpm)
+        .map_err(prepare("reading the source RPM"))
+        .and_then(|b| {
+            crate::publish::rpm::inspect(&b)
+                .map(|i| i.requires)
+                .map_err(|e| prepare("reading the source RPM")(std::io::Error::other(e)))
+        })?;
+    let repo = match inputs {
+        Inputs::Hub => target_repo_rpms(hub, t)
+            .map_err(|e| prepare("reading the project repo")(std::io::Error::other(e)))?,
+        Inputs::Remote {
+            client,
+            task,
+            fence,
+        } => client
+            .worker_repo_rpms(task, fence)
+            .await
+            .map_err(|e| prepare("reading the project repo")(std::io::Error::other(e)))?,
+    };
+    let picked = crate::repos::build_requires(&repo, &requires);
+    let deps = work.join("rpms");
+    std::fs::create_dir_all(&deps).map_err(prepare("creating the rpms dir"))?;
+    for p in &picked {
+        let dest = deps.join(p.location.rsplit('/').next().unwrap_or(&p.location));
+        match inputs {
+            Inputs::Hub => {
+                let bytes = hub
+                    .cas
+                    .get_bytes(&p.digest)
+                    .map_err(|e| prepare("reading a project RPM")(std::io::Error::other(e)))?;
+                std::fs::write(&dest, bytes).map_err(prepare("writing a project RPM"))?;
+            }
+            Inputs::Remote { client, .. } => {
+                client
+                    .worker_download(&p.digest, &dest)
+                    .await
+                    .map_err(|e| prepare("downloading a project RPM")(std::io::Error::other(e)))?;
+            }
+        }
+        let _ = writeln!(
+            note,
+            "kiln: BuildRequires: {}.{} from repo {}/{}",
+            p.nevr(),
+            p.arch,
+            t.project,
+            t.repo
+        );
+    }
+    spec.binds.push(sandbox::Bind {
+        host: deps,
+        path: crate::kinds::RPM_DEPS_DIR.into(),
+        writable: false,
+    });
+    drop(note);
+    sandbox::run(&hub.kiln_exe, &spec, work, log, cancel).await
+}
+
+/// The RPMs of target `t`'s repo a task on it may build-require: those
+/// for its arch, and `noarch`.
+pub(crate) fn target_repo_rpms(
+    hub: &Hub,
+    t: &crate::model::Target,
+) -> Result<Vec<crate::model::RepoRpm>, DbError> {
+    let arch = crate::kinds::rpm_arch(&t.arch);
+    Ok(hub
+        .db
+        .repo_rpms(&t.project, &t.repo)?
+        .into_iter()
+        .filter(|p| Some(p.arch.as_str()) == arch || p.arch == "noarch")
+        .collect())
+}
+
 /// Writes the flat `Packages` index of the target repo's packages for the
 /// target's arch (and `all`) into `dir`; returns their pool paths and
 /// blobs. Nothing is written when the repo has none.
@@ -675,27 +848,6 @@ pub(crate) fn target_repo_debs(
         .into_iter()
         .filter(|d| d.arch == t.arch || d.arch == "all")
         .collect())
-}
-
-/// The `.deb`s among a task's artifacts, read and indexed for its repo.
-pub(crate) async fn debs_for_repo(
-    hub: &Arc<Hub>,
-    artifacts: &[Artifact],
-    build: crate::model::BuildId,
-) -> Result<Vec<RepoDeb>, crate::repos::RepoError> {
-    let debs: Vec<(String, crate::cas::Digest)> = artifacts
-        .iter()
-        .filter(|a| a.path.ends_with(".deb"))
-        .map(|a| (a.path.clone(), a.digest))
-        .collect();
-    let cas = hub.cas.clone();
-    tokio::task::spawn_blocking(move || {
-        debs.iter()
-            .map(|(path, digest)| crate::repos::deb_for_repo(&cas, path, digest, build))
-            .collect()
-    })
-    .await
-    .map_err(|e| crate::repos::RepoError::Publish("task".into(), e.to_string()))?
 }
 
 /// Copies the build's output into its log until end-of-file. Past `kill_at`

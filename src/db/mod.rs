@@ -17,7 +17,8 @@ use crate::cas::Digest;
 use crate::lock;
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, HOST_TARGET,
-    Lease, Outcome, Package, PackageKind, Project, Repo, RepoDeb, RepoFileRef, Target, Task,
+    Lease, Outcome, Package, PackageKind, Project, Repo, RepoAdd, RepoDeb, RepoFileRef, RepoRpm,
+    Target, Task,
     TaskId, Token, now_ms,
 };
 use crate::workers::{AdminState, Needs, Speeds, WorkerInfo, WorkerRecord, WorkerToken};
@@ -56,6 +57,8 @@ const TARGETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("targ
 const REPOS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("repos");
 /// (project, repo, "package/arch") → RepoDeb: the repo's packages.
 const REPO_DEBS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_debs");
+/// (project, repo, "name/arch") → RepoRpm: the repo's RPMs (signed).
+const REPO_RPMS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_rpms");
 /// (project, repo, path) → RepoFileRef: what `/repos/<project>/<repo>/<path>` serves.
 const REPO_FILES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("repo_files");
 /// name → Buildroot.
@@ -239,8 +242,8 @@ pub struct TaskEnd {
     pub log: Option<Digest>,
     pub outputs: Option<Digest>,
     pub artifacts: Vec<Artifact>,
-    /// Packages to put into a repo, (project, repo), if the task succeeded.
-    pub publish: Option<(String, String, Vec<RepoDeb>)>,
+    /// Packages to put into a repo, if the task succeeded.
+    pub publish: Option<RepoAdd>,
 }
 
 impl TaskEnd {
@@ -295,6 +298,7 @@ impl Db {
             tx.open_table(TARGETS)?;
             tx.open_table(REPOS)?;
             tx.open_table(REPO_DEBS)?;
+            tx.open_table(REPO_RPMS)?;
             tx.open_table(REPO_FILES)?;
             tx.open_table(PROJECT_KEYS)?;
             tx.open_table(BUILDROOTS)?;
@@ -1219,6 +1223,21 @@ impl Db {
         Ok(out)
     }
 
+    pub fn repo_rpms(&self, project: &str, repo: &str) -> Result<Vec<RepoRpm>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(REPO_RPMS)?;
+        let mut out = Vec::new();
+        for row in t.range((project, repo, "")..)? {
+            let (k, v) = row?;
+            let (kp, kr, _) = k.value();
+            if kp != project || kr != repo {
+                break;
+            }
+            out.push(dec(v.value())?);
+        }
+        Ok(out)
+    }
+
     pub fn project_key(&self, project: &str) -> Result<Option<String>> {
         let tx = self.db.begin_read()?;
         Ok(tx
@@ -1690,8 +1709,8 @@ fn finish_in(
             }
             // The repo's membership changes with the task's end, in this
             // transaction; the publisher derives the served files later.
-            if let (BuildState::Succeeded, Some((project, repo, debs))) = (t.state, &end.publish) {
-                add_repo_debs(tx, project, repo, debs)?;
+            if let (BuildState::Succeeded, Some(add)) = (t.state, &end.publish) {
+                add_repo_packages(tx, add)?;
             }
             drop(tasks);
             settle_build(tx, t.build, now)?
@@ -1721,21 +1740,23 @@ pub fn check_fence(t: &Task, fence: u64) -> Result<()> {
     Ok(())
 }
 
-/// Puts `debs` into a repo (newest build of each package/arch wins) and
-/// bumps its revision, inside the caller's transaction.
-fn add_repo_debs(
-    tx: &redb::WriteTransaction,
-    project: &str,
-    repo: &str,
-    debs: &[RepoDeb],
-) -> Result<()> {
+/// Puts a task's packages into its repo (the newest build of each
+/// package and arch wins) and bumps its revision, inside the caller's
+/// transaction.
+fn add_repo_packages(tx: &redb::WriteTransaction, add: &RepoAdd) -> Result<()> {
+    let (project, repo) = (add.project.as_str(), add.repo.as_str());
     let mut repos = tx.open_table(REPOS)?;
     let mut r: Repo = get_rec(&repos, (project, repo))?
         .ok_or_else(|| DbError::NotFound(format!("repo {project}/{repo}")))?;
     let mut t = tx.open_table(REPO_DEBS)?;
-    for d in debs {
+    for d in &add.debs {
         let key = format!("{}/{}", d.package, d.arch);
         t.insert((project, repo, key.as_str()), enc(d).as_slice())?;
+    }
+    let mut t = tx.open_table(REPO_RPMS)?;
+    for p in &add.rpms {
+        let key = format!("{}/{}", p.name, p.arch);
+        t.insert((project, repo, key.as_str()), enc(p).as_slice())?;
     }
     r.revision += 1;
     repos.insert((project, repo), enc(&r).as_slice())?;

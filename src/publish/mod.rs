@@ -13,6 +13,7 @@
 
 pub mod apt;
 pub mod deb;
+pub mod rpm;
 pub mod sign;
 
 use time::OffsetDateTime;

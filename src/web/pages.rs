@@ -683,6 +683,7 @@ pub async fn buildroots(viewer: Viewer, State(hub): State<Arc<Hub>>) -> WebResul
                     td { (b.name) }
                     td { @match &b.source {
                         crate::model::BuildrootSource::Debian { suite, mirror, .. } => { "Debian " (suite) " from " (mirror) }
+                        crate::model::BuildrootSource::Rpm { release, repos, .. } => { "RPM release " (release) " from " (repos.join(" ")) }
                         crate::model::BuildrootSource::Imported => { "imported tarball" }
                     } }
                     td { (format!("{:?}", b.state).split('(').next().unwrap_or("").to_lowercase()) }

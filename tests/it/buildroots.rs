@@ -186,6 +186,7 @@ async fn a_bootstrap_from_an_unreachable_mirror_fails_and_leaves_nothing() {
         // Nothing listens on port 1 of loopback.
         mirror: Some("http://127.0.0.1:1/debian".into()),
         include: vec![],
+        ..Default::default()
     };
     h.client.create_buildroot(&req).await.unwrap();
     let b = wait_done(&h, "broken").await;
@@ -218,6 +219,7 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         suite: "bookworm".into(),
         mirror: mirror.map(String::from),
         include: vec![],
+        ..Default::default()
     };
     for (req, want) in [
         (create("host", "debian", None), "built in"),

@@ -42,6 +42,7 @@ pub(crate) fn bookworm(mirror: &str) -> kiln::buildroot::CreateRequest {
         suite: "bookworm".into(),
         mirror: Some(format!("{mirror}/debian")),
         include: vec![],
+        ..Default::default()
     }
 }
 
@@ -251,6 +252,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
             suite: "bookworm".into(),
             mirror: None,
             include: vec![],
+        ..Default::default()
         })
         .await
         .unwrap_err();
