@@ -287,6 +287,16 @@ impl Client {
         if meta.is_file() && dir.extension().is_some_and(|e| e == "dsc") {
             return self.submit_dsc_to(dir, project, targets).await;
         }
+        // A source RPM goes alone; the hub reads its name from its header.
+        if meta.is_file() && dir.to_string_lossy().ends_with(".src.rpm") {
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let names = vec![dir.file_name().unwrap_or_default().to_owned()];
+            let body = reqwest::Body::wrap_stream(tar_stream_of(parent.to_owned(), Some(names)));
+            return self.submit_tar_to(project, None, targets, body).await;
+        }
         if !meta.is_dir() {
             return Err(ClientError::Io(std::io::Error::other(format!(
                 "{} is not a directory",

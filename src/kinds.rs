@@ -101,9 +101,7 @@ pub fn rpm_arch(debian_arch: &str) -> Option<&'static str> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error(
-        "no kiln.toml, debian/control, .spec, .src.rpm or .dsc at the top of the source tree"
-    )]
+    #[error("no kiln.toml, debian/control, .spec, .src.rpm or .dsc at the top of the source tree")]
     Missing,
     #[error("{0}")]
     Dsc(String),
@@ -329,8 +327,7 @@ impl Recipe {
     pub fn spec(file: &str, spec: &[u8]) -> Result<Recipe, RecipeError> {
         let bad = |m: String| RecipeError::Rpm(format!("{file}: {m}"));
         let text = std::str::from_utf8(spec).map_err(|_| bad("not UTF-8".into()))?;
-        let name = spec_name(text)
-            .unwrap_or_else(|| file.trim_end_matches(".spec").to_string());
+        let name = spec_name(text).unwrap_or_else(|| file.trim_end_matches(".spec").to_string());
         validate_name(&name).map_err(|m| bad(format!("Name {m}")))?;
         Ok(Recipe::rpm_named(name))
     }

@@ -166,7 +166,8 @@ fn project_key(hub: &Hub, project: &str) -> Result<RepoKey, RepoError> {
         .db
         .project_key(project)?
         .ok_or_else(|| RepoError::NoKey(project.to_string()))?;
-    RepoKey::from_armored_secret(&key).map_err(|e| RepoError::Publish(project.into(), e.to_string()))
+    RepoKey::from_armored_secret(&key)
+        .map_err(|e| RepoError::Publish(project.into(), e.to_string()))
 }
 
 /// What a repo's publishes keep for the next one: compressed chunks of

@@ -52,7 +52,10 @@ fn check_rpm_target(hub: &Hub, t: &crate::model::Target) -> Result<(), SubmitErr
             t.name
         )));
     }
-    if let Some(br) = hub.db.buildroot(&t.buildroot)?.filter(|b| b.ready.is_some())
+    if let Some(br) = hub
+        .db
+        .buildroot(&t.buildroot)?
+        .filter(|b| b.ready.is_some())
         && !crate::buildroot::root_path(hub, &br)
             .join("usr/bin/rpmbuild")
             .exists()
@@ -103,7 +106,11 @@ pub fn submit(hub: &Hub, sub: Submission, pending: PendingTree) -> Result<Build,
                 return Err(SubmitError::BadName(format!(
                     "project {} has no target with a buildroot to build a {} package on (kiln target add)",
                     sub.project,
-                    if recipe.kind() == PackageKind::Rpm { "RPM" } else { "Debian" }
+                    if recipe.kind() == PackageKind::Rpm {
+                        "RPM"
+                    } else {
+                        "Debian"
+                    }
                 )));
             }
         } else {

@@ -1103,7 +1103,10 @@ async fn dnf_repo_file(
         .ok_or_else(|| ApiError::NotFound(format!("repo {project}/{repo} not found")))?;
     let s = crate::repos::sources(&base_url(&hub, &headers), &project, repo);
     Ok((
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
         s.dnf_repo,
     )
         .into_response())

@@ -18,8 +18,7 @@ use crate::lock;
 use crate::model::{
     Artifact, Build, BuildDetail, BuildId, BuildState, Buildroot, BuildrootState, HOST_TARGET,
     Lease, Outcome, Package, PackageKind, Project, Repo, RepoAdd, RepoDeb, RepoFileRef, RepoRpm,
-    Target, Task,
-    TaskId, Token, now_ms,
+    Target, Task, TaskId, Token, now_ms,
 };
 use crate::workers::{AdminState, Needs, Speeds, WorkerInfo, WorkerRecord, WorkerToken};
 

@@ -252,7 +252,7 @@ async fn debian_packages_build_publish_and_install_with_real_apt() {
             suite: "bookworm".into(),
             mirror: None,
             include: vec![],
-        ..Default::default()
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -13,6 +13,7 @@ mod netns;
 mod publish;
 mod repos;
 mod restart;
+mod rpm;
 mod sandbox;
 mod tls;
 mod web;
