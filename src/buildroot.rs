@@ -84,6 +84,9 @@ pub struct CreateRequest {
     /// rpm: the repositories' base URLs.
     #[serde(default)]
     pub repos: Vec<String>,
+    /// rpm: the URL of the key the packages must be signed with.
+    #[serde(default)]
+    pub gpgkey: Option<String>,
 }
 
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -127,6 +130,9 @@ pub fn begin_create(hub: &Hub, req: &CreateRequest) -> Result<Buildroot, Buildro
         for r in &req.repos {
             check_url("repo", r)?;
         }
+        if let Some(k) = &req.gpgkey {
+            check_url("gpgkey", k)?;
+        }
         return begin(
             hub,
             &req.name,
@@ -134,6 +140,7 @@ pub fn begin_create(hub: &Hub, req: &CreateRequest) -> Result<Buildroot, Buildro
                 release,
                 repos: req.repos.clone(),
                 include: req.include.clone(),
+                gpgkey: req.gpgkey.clone(),
             },
         );
     }
@@ -303,10 +310,11 @@ async fn job(
                 release,
                 repos,
                 include,
+                gpgkey,
             },
             _,
         ) => RootJob {
-            argv: dnf_bootstrap_argv(release, repos, include),
+            argv: dnf_bootstrap_argv(release, repos, include, gpgkey.as_deref()),
             network: Network::Host,
             hardening: Hardening::Bootstrap,
             binds: vec![],
@@ -318,13 +326,19 @@ async fn job(
     job.run(&hub.kiln_exe, &work, target, log).await
 }
 
-/// What an rpm bootstrap installs besides `include`: the build tools, as
-/// mock's minimal buildroot has them.
+/// What an rpm bootstrap installs unless `include` names the packages: the
+/// build tools, as mock's minimal buildroot has them.
 pub const RPM_BASE: &[&str] = &["rpm-build", "bash", "coreutils", "findutils", "gcc", "make"];
 
 /// `dnf --installroot` into `/out` from the given repos only (the host's
-/// repo files are not read), for `$releasever` `release`.
-fn dnf_bootstrap_argv(release: &str, repos: &[String], include: &[String]) -> Vec<String> {
+/// repo files are not read), for `$releasever` `release`. Packages are
+/// signature-checked against `gpgkey` when one is given.
+fn dnf_bootstrap_argv(
+    release: &str,
+    repos: &[String],
+    include: &[String],
+    gpgkey: Option<&str>,
+) -> Vec<String> {
     let mut argv: Vec<String> = [
         "/usr/bin/dnf",
         "--installroot=/out",
@@ -340,10 +354,19 @@ fn dnf_bootstrap_argv(release: &str, repos: &[String], include: &[String]) -> Ve
     argv.push(format!("--releasever={release}"));
     for (i, url) in repos.iter().enumerate() {
         argv.push(format!("--repofrompath=kiln-{i},{url}"));
+        match gpgkey {
+            Some(k) => argv.extend([
+                format!("--setopt=kiln-{i}.gpgcheck=1"),
+                format!("--setopt=kiln-{i}.gpgkey={k}"),
+            ]),
+            None => argv.push(format!("--setopt=kiln-{i}.gpgcheck=0")),
+        }
     }
     argv.push("install".into());
-    argv.extend(RPM_BASE.iter().map(|s| s.to_string()));
-    argv.extend(include.iter().cloned());
+    match include.is_empty() {
+        true => argv.extend(RPM_BASE.iter().map(|s| s.to_string())),
+        false => argv.extend(include.iter().cloned()),
+    }
     argv
 }
 

@@ -343,6 +343,7 @@ pub async fn buildroot_show(client: &Client, name: &str) -> anyhow::Result<()> {
             release,
             repos,
             include,
+            ..
         } => println!(
             "source: rpm release {release} from {} (+{})",
             repos.join(" "),

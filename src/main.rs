@@ -82,7 +82,8 @@ enum BuildrootCmd {
         #[arg(long)]
         mirror: Option<String>,
         /// Extra packages, comma-separated (`--include rpm` gives a Debian
-        /// root rpmbuild).
+        /// root rpmbuild); for rpm, the packages to install (default
+        /// rpm-build bash coreutils findutils gcc make).
         #[arg(long, value_delimiter = ',')]
         include: Vec<String>,
         /// rpm: the distribution's release (dnf's $releasever).
@@ -91,6 +92,10 @@ enum BuildrootCmd {
         /// rpm: a repository base URL (repeat for several).
         #[arg(long = "repo")]
         repos: Vec<String>,
+        /// rpm: the URL of the key packages must be signed with (checked
+        /// by dnf; without it they are not signature-checked).
+        #[arg(long)]
+        gpgkey: Option<String>,
     },
     /// Import a root filesystem tarball (.tar, .tar.zst, .tar.gz, .tar.xz).
     Import {
@@ -510,6 +515,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     include,
                     release,
                     repos,
+                    gpgkey,
                 } => {
                     let req = kiln::buildroot::CreateRequest {
                         name: name.clone(),
@@ -519,6 +525,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                         include: include.clone(),
                         release: release.clone(),
                         repos: repos.clone(),
+                        gpgkey: gpgkey.clone(),
                     };
                     c.create_buildroot(&req).await?;
                     return kiln::cli::follow_buildroot(&c, name).await;

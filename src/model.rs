@@ -363,12 +363,14 @@ pub enum BuildrootSource {
     },
     /// An uploaded root filesystem tarball.
     Imported,
-    /// `dnf --installroot DIR --releasever RELEASE` from `repos`, installing
-    /// the build tools (`rpm-build` and the `include`d packages), as mock does.
+    /// `dnf --installroot DIR --releasever RELEASE` from `repos` only,
+    /// installing `include` (default: the build tools, as mock's minimal
+    /// buildroot), packages checked against `gpgkey` when given.
     Rpm {
         release: String,
         repos: Vec<String>,
         include: Vec<String>,
+        gpgkey: Option<String>,
     },
 }
 

@@ -321,7 +321,9 @@ pub async fn build(
             }
             @if !repos.is_empty() {
                 h2 { "Install from its repository" }
-                @for s in &repos { (apt_lines(s)) }
+                @for s in &repos {
+                    @if b.kind == crate::model::PackageKind::Rpm { (dnf_lines(s)) } @else { (apt_lines(s)) }
+                }
             }
             h2 { "Log" }
             p {
@@ -332,6 +334,16 @@ pub async fn build(
             pre.log { (log) }
         },
     ))
+}
+
+/// How to use a repo with dnf: its `.repo` file, which names the key.
+fn dnf_lines(s: &crate::repos::RepoSources) -> Markup {
+    html! {
+        p { "Fetch " a href=(s.dnf_repo_url) { (s.dnf_repo_url) } " into " code { "/etc/yum.repos.d/" } ":" }
+        pre.copy { "curl -fsSL " (s.dnf_repo_url) " -o /etc/yum.repos.d/" (s.dnf_repo_url.rsplit('/').next().unwrap_or("kiln.repo")) }
+        p { "It says:" }
+        pre.copy { (s.dnf_repo) }
+    }
 }
 
 /// How to use an apt repo: the key, then the sources line or paragraph.
@@ -636,6 +648,7 @@ pub async fn repo(
         .repo(&project, &name)?
         .ok_or_else(|| crate::db::DbError::NotFound(format!("repo {project}/{name}")))?;
     let debs = hub.db.repo_debs(&project, &name)?;
+    let rpms = hub.db.repo_rpms(&project, &name)?;
     let s = crate::repos::sources(&crate::server::base_url(&hub, &headers), &project, &name);
     Ok(layout(
         Some(&viewer),
@@ -649,19 +662,33 @@ pub async fn repo(
                 @else if let Some(t) = repo.published { "published " (fmt_time(t)) }
                 @else { "not published yet" }
             }
-            h2 { "Use it with apt" }
-            (apt_lines(&s))
-            p.muted { "dnf repositories come with rpm builds." }
-            h2 { "Packages (" (debs.len()) ")" }
+            @if !rpms.is_empty() {
+                h2 { "Use it with dnf" }
+                (dnf_lines(&s))
+            }
+            @if !debs.is_empty() || rpms.is_empty() {
+                h2 { "Use it with apt" }
+                (apt_lines(&s))
+            }
+            h2 { "Packages (" (debs.len() + rpms.len()) ")" }
             table {
                 thead { tr { th { "package" } th { "version" } th { "arch" } th { "size" } th { "build" } } }
-                tbody { @for d in &debs { tr {
-                    td { (d.package) }
-                    td { (d.version) }
-                    td { (d.arch) }
-                    td.num { (fmt_size(d.size)) }
-                    td { a href={ "/builds/" (d.build) } { (d.build) } }
-                } } }
+                tbody {
+                    @for d in &debs { tr {
+                        td { (d.package) }
+                        td { (d.version) }
+                        td { (d.arch) }
+                        td.num { (fmt_size(d.size)) }
+                        td { a href={ "/builds/" (d.build) } { (d.build) } }
+                    } }
+                    @for p in &rpms { tr {
+                        td { (p.name) }
+                        td { (p.nevr().trim_start_matches(&format!("{}-", p.name))) }
+                        td { (p.arch) }
+                        td.num { (fmt_size(p.size)) }
+                        td { a href={ "/builds/" (p.build) } { (p.build) } }
+                    } }
+                }
             }
         },
     ))

@@ -11,7 +11,7 @@ use kiln::server::TargetRequest;
 
 use crate::harness::*;
 
-async fn wait_done(h: &TestHub, name: &str) -> kiln::server::BuildrootView {
+pub(crate) async fn wait_done(h: &TestHub, name: &str) -> kiln::server::BuildrootView {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let b = h.client.buildroot(name).await.unwrap();

@@ -331,8 +331,80 @@ async fn rpms_build_publish_signed_and_install_with_real_dnf() {
     let o = dnf3.run(&["install", "kiln-hello"]);
     assert!(o.status.success(), "{}", text(&o));
 
+    rpm_bootstrap_installs_from_a_signed_repo(&h).await;
     bad_rpm_sources_fail_clearly_and_publish_nothing(&h, tmp.path()).await;
     h.stop().await;
+}
+
+/// `--bootstrap rpm`: `dnf --installroot` from an RPM repository (the only
+/// one these machines reach is kiln's own, so it bootstraps from that):
+/// with the repo's key the packages install; with another key dnf refuses.
+async fn rpm_bootstrap_installs_from_a_signed_repo(h: &TestHub) {
+    use kiln::model::BuildrootState;
+    let create = |name: &str, key_project: &str| kiln::buildroot::CreateRequest {
+        name: name.into(),
+        bootstrap: "rpm".into(),
+        release: Some("1".into()),
+        repos: vec![format!("{}/repos/{PROJECT}/{REPO}/", h.url())],
+        include: vec!["kiln-greeter".into()],
+        gpgkey: Some(format!("{}/repos/{key_project}/key.asc", h.url())),
+        ..Default::default()
+    };
+    h.client
+        .create_buildroot(&create("fromkiln", PROJECT))
+        .await
+        .unwrap();
+    let b = crate::buildroots::wait_done(h, "fromkiln").await;
+    let log = h.client.buildroot_log("fromkiln").await.unwrap();
+    assert_eq!(b.buildroot.state, BuildrootState::Ready, "{log}");
+    // kiln-greeter and what it requires, kiln-hello, both from the repo.
+    assert_eq!(
+        std::fs::read_to_string(b.path.join("usr/share/kiln-greeter/greeting")).unwrap(),
+        "hello from kiln\n"
+    );
+    assert!(b.path.join("usr/bin/kiln-hello").exists(), "{log}");
+
+    // Another project's key: the same packages are refused.
+    h.client
+        .add_target(
+            "stranger",
+            &TargetRequest {
+                name: "t".into(),
+                buildroot: "rpmroot".into(),
+                arch: "amd64".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    h.client
+        .create_buildroot(&create("wrongkey", "stranger"))
+        .await
+        .unwrap();
+    let b = crate::buildroots::wait_done(h, "wrongkey").await;
+    let log = h.client.buildroot_log("wrongkey").await.unwrap();
+    assert!(
+        matches!(b.buildroot.state, BuildrootState::Failed(_)),
+        "{log}"
+    );
+    let left: Vec<_> = std::fs::read_dir(h.data().join("buildroots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wrongkey") && !n.ends_with(".log"))
+        .collect();
+    assert!(left.is_empty(), "a failed bootstrap left {left:?}");
+
+    // A bootstrap without repos is refused before anything runs.
+    let mut bad = create("norepo", PROJECT);
+    bad.repos.clear();
+    let err = h
+        .client
+        .create_buildroot(&bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--repo"), "{err}");
 }
 
 /// Bad input on the same hub (its buildroot is made once): each is a clear
