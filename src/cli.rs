@@ -244,7 +244,7 @@ pub fn check_config(config: &Config) {
 
 /// What `kiln build submit` builds.
 pub enum Source<'a> {
-    /// A directory or a `.dsc`.
+    /// A directory, a `.dsc` or a `.src.rpm`.
     Path(&'a Path),
     /// A git URL and ref the hub fetches.
     Git(&'a str, Option<&'a str>),

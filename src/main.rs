@@ -184,11 +184,11 @@ struct BuildArgs {
 
 #[derive(Subcommand)]
 enum BuildCmd {
-    /// Upload a source tree (a directory, or a Debian `.dsc` with the files
-    /// it names), or have the hub fetch a git ref, and queue a build; prints
-    /// the build id.
+    /// Upload a source tree (a directory, a Debian `.dsc` with the files
+    /// it names, or a `.src.rpm`), or have the hub fetch a git ref, and
+    /// queue a build; prints the build id.
     Submit {
-        /// A directory, or a `.dsc` file.
+        /// A directory, a `.dsc` or a `.src.rpm` file.
         #[arg(required_unless_present = "git", conflicts_with = "git")]
         dir: Option<PathBuf>,
         /// A git URL (https, http, git) the hub fetches instead.
@@ -447,7 +447,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     let source = match (dir, git) {
                         (Some(d), _) => kiln::cli::Source::Path(d),
                         (None, Some(url)) => kiln::cli::Source::Git(url, git_ref.as_deref()),
-                        (None, None) => anyhow::bail!("give a directory, a .dsc or --git URL"),
+                        (None, None) => anyhow::bail!("give a directory, a .dsc, a .src.rpm or --git URL"),
                     };
                     let b = kiln::cli::submit(
                         &c,
