@@ -552,4 +552,73 @@ mod tests {
             .to_string();
         assert!(e.contains("line 2") && e.contains("package.name"), "{e}");
     }
+
+    fn tree_of(files: &[(&str, &str)]) -> (Tree, std::collections::HashMap<String, Vec<u8>>) {
+        let entries = files
+            .iter()
+            .map(|(p, c)| TreeEntry {
+                path: p.to_string(),
+                mode: 0o644,
+                kind: EntryKind::File {
+                    digest: crate::cas::Digest::of(c.as_bytes()),
+                    size: c.len() as u64,
+                },
+            })
+            .collect();
+        let bytes = files
+            .iter()
+            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+            .collect();
+        (Tree { entries }, bytes)
+    }
+
+    fn recipe_of(files: &[(&str, &str)]) -> Result<Recipe, RecipeError> {
+        let (tree, bytes) = tree_of(files);
+        Recipe::of_tree(&tree, |p| Ok(bytes.get(p).cloned()))
+    }
+
+    #[test]
+    fn a_spec_at_the_top_is_an_rpm_named_by_its_name_tag() {
+        let r = recipe_of(&[
+            (
+                "x.spec",
+                "%global base kiln\nName:   %{base}-tool\nVersion: 1\n",
+            ),
+            ("x.c", ""),
+        ])
+        .unwrap();
+        assert_eq!(r.kind(), PackageKind::Rpm);
+        assert_eq!(r.package.name.as_deref(), Some("kiln-tool"));
+        assert!(r.output_globs().unwrap().is_match("kiln-tool-1-1.src.rpm"));
+        // A Name kiln cannot expand: the file's stem.
+        let r = recipe_of(&[("fancy.spec", "Name: %(echo x)\n")]).unwrap();
+        assert_eq!(r.package.name.as_deref(), Some("fancy"));
+        // Ambiguous sources are refused, naming them.
+        let e = recipe_of(&[("a.spec", "Name: a\n"), ("b.spec", "Name: b\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.spec, b.spec"), "{e}");
+        // A spec in a subdirectory is not at the top.
+        let e = recipe_of(&[("sub/a.spec", "Name: a\n")]).unwrap_err();
+        assert!(matches!(e, RecipeError::Missing), "{e}");
+    }
+
+    #[test]
+    fn a_source_rpm_that_does_not_read_is_refused_by_name() {
+        let e = recipe_of(&[("x-1-1.src.rpm", "not an rpm at all, just text")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x-1-1.src.rpm: not a usable source RPM: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rpm_arches_map_from_debian_names() {
+        assert_eq!(rpm_arch("amd64"), Some("x86_64"));
+        assert_eq!(rpm_arch("arm64"), Some("aarch64"));
+        assert_eq!(rpm_arch("ppc64el"), Some("ppc64le"));
+        assert_eq!(rpm_arch("mips64el"), None);
+    }
 }

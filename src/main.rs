@@ -447,7 +447,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     let source = match (dir, git) {
                         (Some(d), _) => kiln::cli::Source::Path(d),
                         (None, Some(url)) => kiln::cli::Source::Git(url, git_ref.as_deref()),
-                        (None, None) => anyhow::bail!("give a directory, a .dsc, a .src.rpm or --git URL"),
+                        (None, None) => {
+                            anyhow::bail!("give a directory, a .dsc, a .src.rpm or --git URL")
+                        }
                     };
                     let b = kiln::cli::submit(
                         &c,

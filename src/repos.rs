@@ -388,3 +388,82 @@ pub struct RepoSources {
     /// The `.repo` file itself.
     pub dnf_repo: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpm(
+        name: &str,
+        arch: &str,
+        build: BuildId,
+        provides: &[&str],
+        requires: &[&str],
+    ) -> RepoRpm {
+        RepoRpm {
+            name: name.into(),
+            epoch: 0,
+            version: "1".into(),
+            release: "1".into(),
+            arch: arch.into(),
+            location: format!("Packages/x/{name}-1-1.{arch}.rpm"),
+            digest: Digest::of(name.as_bytes()),
+            size: 1,
+            provides: provides.iter().map(|s| s.to_string()).collect(),
+            requires: requires.iter().map(|s| s.to_string()).collect(),
+            fragments: publish::rpm::Fragments {
+                primary: String::new(),
+                filelists: String::new(),
+                other: String::new(),
+            },
+            build,
+        }
+    }
+
+    #[test]
+    fn build_requires_follow_the_repo_and_leave_the_rest_to_the_root() {
+        let repo = [
+            rpm(
+                "liba",
+                "x86_64",
+                1,
+                &["liba", "liba.so.1()(64bit)"],
+                &["libc.so.6()(64bit)"],
+            ),
+            rpm(
+                "liba-devel",
+                "x86_64",
+                2,
+                &["liba-devel", "pkgconfig(a)"],
+                &["liba.so.1()(64bit)"],
+            ),
+            rpm(
+                "tool",
+                "noarch",
+                3,
+                &["tool", "/usr/bin/tool"],
+                &["tool-data"],
+            ),
+            rpm("tool-data", "noarch", 4, &["tool-data"], &[]),
+            // A source package provides nothing installable.
+            rpm("unrelated", "src", 5, &["gcc"], &[]),
+        ];
+        let want = |reqs: &[&str]| {
+            let reqs: Vec<String> = reqs.iter().map(|s| s.to_string()).collect();
+            let mut names: Vec<&str> = build_requires(&repo, &reqs)
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(want(&["pkgconfig(a)", "gcc"]), ["liba", "liba-devel"]);
+        assert_eq!(want(&["/usr/bin/tool"]), ["tool", "tool-data"]);
+        assert!(want(&["gcc", "make"]).is_empty());
+        // Each package once, however many requirements name it.
+        assert_eq!(
+            want(&["liba", "liba.so.1()(64bit)", "liba-devel"]),
+            ["liba", "liba-devel"]
+        );
+    }
+}
