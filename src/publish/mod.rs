@@ -3,6 +3,8 @@
 //!
 //! Owns the glue ([`publish`]) and the shared parallel helper; the parts live in
 //! [`deb`] (reading `.deb`s), [`apt`] (indexes and `Release`) and [`sign`] (OpenPGP).
+//! The dnf side is [`rpm`](self::rpm): `rpm::inspect` on upload (keep its
+//! `Fragments`), `rpm::sign`, and `rpm::build_repodata` on publish.
 //!
 //! Typical use from a server that stores blobs by SHA-256:
 //! 1. On upload: `deb::inspect(reader)` → `apt::pool_filename` → `apt::Stanza::new`;
@@ -18,6 +20,7 @@ pub mod sign;
 
 use time::OffsetDateTime;
 
+pub use self::rpm::{Fragments, RepodataCache, RpmError, RpmInfo};
 pub use apt::{AptError, Index, IndexCache, PoolEntry, RepoFile, Stanza, SuiteConfig};
 pub use deb::{Control, DebError, DebInfo};
 pub use sign::{RepoKey, SignError};

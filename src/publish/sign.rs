@@ -18,6 +18,7 @@ use pgp::composed::{
     SecretKeyParamsBuilder, SignedPublicKey, SignedSecretKey,
 };
 use pgp::crypto::hash::HashAlgorithm;
+use pgp::ser::Serialize;
 use pgp::types::{KeyDetails, Password};
 use rand_core::OsRng;
 
@@ -115,6 +116,20 @@ impl RepoKey {
         )?;
         Ok(sig.to_armored_string(ArmorOptions::default())?)
     }
+
+    /// A binary (unarmored) v4 signature packet over `data`, hashed with SHA-256: the
+    /// form rpm keeps in an RPM's signature header (`RPMSIGTAG_DSA` for EdDSA keys).
+    /// rpm 4.18 finds the key by the issuer subpacket rPGP always adds.
+    pub fn detached_sign_binary(&self, data: &[u8]) -> Result<Vec<u8>, SignError> {
+        let sig = DetachedSignature::sign_binary_data(
+            OsRng,
+            &self.secret.primary_key,
+            &Password::empty(),
+            HashAlgorithm::Sha256,
+            data,
+        )?;
+        Ok(sig.to_bytes()?)
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +177,14 @@ mod tests {
 
         let det = k2.detached_sign(text.as_bytes()).unwrap();
         let (sig, _) = DetachedSignature::from_string(&det).unwrap();
+        sig.verify(&public, text.as_bytes()).unwrap();
+        assert!(sig.verify(&public, b"other").is_err());
+
+        let bin = k2.detached_sign_binary(text.as_bytes()).unwrap();
+        // A binary packet (tag 2, signature), not armor.
+        assert!(bin[0] & 0x80 != 0 && !bin.starts_with(b"-----"));
+        let sig = DetachedSignature::from_bytes(&bin[..]).unwrap();
+        assert_eq!(sig.signature.hash_alg(), Some(HashAlgorithm::Sha256));
         sig.verify(&public, text.as_bytes()).unwrap();
         assert!(sig.verify(&public, b"other").is_err());
     }
