@@ -1,6 +1,8 @@
-//! Publishing 10,000 `.deb`s: kiln vs apt-ftparchive, reprepro and aptly.
+//! Publishing 10,000 `.deb`s: kiln vs apt-ftparchive, reprepro and aptly; and
+//! 10,000 `.rpm`s: kiln vs createrepo_c.
 //!
-//! Run: `cargo bench --bench publish` (rounds: `KILN_BENCH_ROUNDS`, default 3).
+//! Run: `cargo bench --bench publish` (rounds: `KILN_BENCH_ROUNDS`, default 3;
+//! cases: `KILN_BENCH_CASES=deb,rpm`, the default, or one of them).
 //! The corpus is generated once into `/tmp/kiln-bench-debs-v1` (ar + tar written
 //! directly, one sample checked with `dpkg-deb`) and reused between runs.
 //!
@@ -14,6 +16,14 @@
 //! - add-one: publish the 10,000 plus one new .deb, starting from each tool's warm
 //!   state (kiln: cached stanzas + IndexCache; apt-ftparchive: its --db cache;
 //!   reprepro/aptly: their existing repo). State is reset untimed between rounds.
+//!
+//! The rpm case (corpus: `/tmp/kiln-bench-rpms-v1`, made with rpm-rs's
+//! PackageBuilder, one sample checked with `rpm -qpi`):
+//! - full: kiln reads every .rpm from disk, `rpm::inspect`s it (sha256 included, on
+//!   2 threads) and builds signed repodata; createrepo_c `--workers 2` runs unsigned,
+//!   once with its default sqlite databases and once with `--no-database`.
+//! - add-one: the 10,000 plus one: kiln inspects the new file and rebuilds with the
+//!   warm `RepodataCache`; createrepo_c `--update` (both variants) on its repo.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,7 +32,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln::publish as pubapt;
-use kiln::publish::{IndexCache, PoolEntry, RepoKey, Stanza, SuiteConfig, apt, deb};
+use kiln::publish::{
+    Fragments, IndexCache, PoolEntry, RepoKey, RepodataCache, RpmInfo, Stanza, SuiteConfig, apt,
+    deb, rpm,
+};
 use time::OffsetDateTime;
 
 const N: usize = 10_000;
@@ -35,6 +48,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let cases = std::env::var("KILN_BENCH_CASES").unwrap_or_else(|_| "deb,rpm".into());
+    let case = |c: &str| cases.split(',').any(|w| w.trim() == c);
+    if case("deb") {
+        deb_case(rounds);
+    }
+    if case("rpm") {
+        rpm_case(rounds);
+    }
+}
+
+fn deb_case(rounds: usize) {
     let corpus = Path::new(CORPUS);
     make_corpus(corpus);
     let debs: Vec<PathBuf> = (0..N)
@@ -505,5 +529,262 @@ fn make_deb(name: &str, i: usize) -> Vec<u8> {
             out.push(b'\n');
         }
     }
+    out
+}
+
+// ---------- rpm ----------
+
+const RPM_CORPUS: &str = "/tmp/kiln-bench-rpms-v1";
+const RPM_EXTRA: &str = "pkg05000b";
+
+fn rpm_case(rounds: usize) {
+    let corpus = Path::new(RPM_CORPUS);
+    make_rpm_corpus(corpus);
+    let rpms: Vec<PathBuf> = (0..N)
+        .map(|i| corpus.join(format!("all/pkg{i:05}-1.0-1.x86_64.rpm")))
+        .collect();
+    let extra = corpus.join(format!("extra/{RPM_EXTRA}-1.0-1.x86_64.rpm"));
+    let work = tempfile::Builder::new()
+        .prefix("kiln-bench-rpm-")
+        .tempdir()
+        .unwrap();
+    let w = work.path();
+    let key = RepoKey::generate("kiln bench <bench@localhost>").unwrap();
+    let have_createrepo = Command::new("createrepo_c")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_createrepo {
+        println!("skipping createrepo_c: not installed");
+    }
+    // (name, extra createrepo_c arguments)
+    let variants: &[(&str, &[&str])] = if have_createrepo {
+        &[
+            ("createrepo_c", &[]),
+            ("createrepo_c --no-database", &["--no-database"]),
+        ]
+    } else {
+        &[]
+    };
+
+    let mut times: HashMap<String, Vec<Duration>> = HashMap::new();
+    let mut record = |name: &str, d: Duration| {
+        println!("  {name:<36} {:>9.1} ms", d.as_secs_f64() * 1e3);
+        times.entry(name.to_string()).or_default().push(d);
+    };
+    for round in 0..rounds {
+        println!("rpm round {}/{rounds}", round + 1);
+        let out = w.join(format!("kiln-full-{round}"));
+        let t = Instant::now();
+        let (mut frags, mut cache) = kiln_rpm_full(&rpms, &key, &out);
+        record("kiln full", t.elapsed());
+
+        for (name, args) in variants {
+            let dir = w.join(format!("cr-{}-{round}", args.len()));
+            std::fs::create_dir_all(&dir).unwrap();
+            // Hard links: createrepo_c reads a real directory, no copy cost.
+            sh(&dir, &format!("cp -al {}/all Packages", corpus.display()));
+            let t = Instant::now();
+            run(Command::new("createrepo_c")
+                .args(["-q", "--workers", "2"])
+                .args(*args)
+                .arg(&dir));
+            record(&format!("{name} full"), t.elapsed());
+        }
+
+        let out = w.join(format!("kiln-add-{round}"));
+        let t = Instant::now();
+        let files = kiln_rpm_add_one(&extra, &mut frags, &mut cache, &key, &out);
+        record("kiln add-one", t.elapsed());
+        let primary = files
+            .iter()
+            .find(|f| f.path.ends_with("-primary.xml.gz"))
+            .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::MultiGzDecoder::new(&primary.data[..]),
+            &mut text,
+        )
+        .unwrap();
+        assert!(text.contains(&format!("<name>{RPM_EXTRA}</name>")));
+        assert!(text.contains(&format!("packages=\"{}\"", N + 1)));
+        assert_eq!(cache.compressed(), 1, "one chunk recompressed");
+
+        for (name, args) in variants {
+            let dir = w.join(format!("cr-{}-{round}", args.len()));
+            std::fs::hard_link(
+                &extra,
+                dir.join(format!("Packages/{RPM_EXTRA}-1.0-1.x86_64.rpm")),
+            )
+            .unwrap();
+            let t = Instant::now();
+            run(Command::new("createrepo_c")
+                .args(["-q", "--update", "--workers", "2"])
+                .args(*args)
+                .arg(&dir));
+            record(&format!("{name} add-one"), t.elapsed());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let _ = std::fs::remove_dir_all(w.join(format!("kiln-full-{round}")));
+        let _ = std::fs::remove_dir_all(w.join(format!("kiln-add-{round}")));
+    }
+
+    let median = |name: &str| -> Option<f64> {
+        let mut v: Vec<f64> = times
+            .get(name)?
+            .iter()
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    };
+    println!("\nrpm: medians over {rounds} rounds, {N} packages (ms):");
+    let kf = median("kiln full").unwrap();
+    let ka = median("kiln add-one").unwrap();
+    println!("  {:<28} {:>10} {:>10}", "", "full", "add-one");
+    println!("  {:<28} {:>10.1} {:>10.1}", "kiln (signed)", kf, ka);
+    for (name, _) in variants {
+        let (f, a) = (
+            median(&format!("{name} full")).unwrap(),
+            median(&format!("{name} add-one")).unwrap(),
+        );
+        println!(
+            "  {name:<28} {f:>10.1} {a:>10.1}   peer/kiln: full {:.2}x, add-one {:.1}x",
+            f / kf,
+            a / ka
+        );
+    }
+    println!("  goals: full >= 1x, add-one >= 20x");
+}
+
+/// Reads and inspects every RPM on 2 threads (createrepo_c gets `--workers 2`),
+/// then builds and writes signed repodata.
+fn kiln_rpm_full(
+    rpms: &[PathBuf],
+    key: &RepoKey,
+    out: &Path,
+) -> (HashMap<[u8; 32], Fragments>, RepodataCache) {
+    let t = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rpms.len().div_ceil(threads);
+    let infos: Vec<RpmInfo> = std::thread::scope(|s| {
+        let handles: Vec<_> = rpms
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|p| rpm::inspect(&std::fs::read(p).unwrap()).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    println!(
+        "    (kiln scan of {} rpms: {:.1} ms)",
+        rpms.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let frags: HashMap<[u8; 32], Fragments> =
+        infos.into_iter().map(|i| (i.sha256, i.fragments)).collect();
+    let mut cache = RepodataCache::new();
+    let files = rpm::build_repodata(frags.values(), 1, unix_now(), key, &mut cache).unwrap();
+    write_files(out, &files);
+    (frags, cache)
+}
+
+fn kiln_rpm_add_one(
+    extra: &Path,
+    frags: &mut HashMap<[u8; 32], Fragments>,
+    cache: &mut RepodataCache,
+    key: &RepoKey,
+    out: &Path,
+) -> Vec<pubapt::RepoFile> {
+    let info = rpm::inspect(&std::fs::read(extra).unwrap()).unwrap();
+    frags.insert(info.sha256, info.fragments);
+    let files = rpm::build_repodata(frags.values(), 2, unix_now(), key, cache).unwrap();
+    write_files(out, &files);
+    files
+}
+
+fn unix_now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn make_rpm_corpus(dir: &Path) {
+    if dir.join("complete").exists() {
+        return;
+    }
+    let t = Instant::now();
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("all")).unwrap();
+    std::fs::create_dir_all(dir.join("extra")).unwrap();
+    for i in 0..N {
+        let name = format!("pkg{i:05}");
+        let p = dir.join(format!("all/{name}-1.0-1.x86_64.rpm"));
+        std::fs::write(p, make_rpm(&name, i)).unwrap();
+    }
+    let p = dir.join(format!("extra/{RPM_EXTRA}-1.0-1.x86_64.rpm"));
+    std::fs::write(p, make_rpm(RPM_EXTRA, N)).unwrap();
+    // Sanity: rpm agrees these are packages.
+    let o = Command::new("rpm")
+        .args([
+            "--dbpath",
+            "/nonexistent-kiln-bench",
+            "-qp",
+            "--qf",
+            "%{NAME} %{SUMMARY}\n",
+        ])
+        .arg(dir.join("all/pkg00042-1.0-1.x86_64.rpm"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "pkg00042 Package pkg00042 for the kiln benchmark\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::write(dir.join("complete"), "").unwrap();
+    println!("generated {N} rpms in {:?}", t.elapsed());
+}
+
+/// A small package: a script in /usr/bin and a data file, one requirement on the
+/// previous package, a changelog entry. Uncompressed payload (rpm-rs's codecs are
+/// not enabled); the repodata work does not read payloads.
+fn make_rpm(name: &str, i: usize) -> Vec<u8> {
+    use ::rpm::{Dependency, FileOptions, PackageBuilder};
+    let summary = format!("Package {name} for the kiln benchmark");
+    let mut b = PackageBuilder::new(name, "1.0", "MIT", "x86_64", &summary);
+    b.release("1")
+        .description(format!(
+            "{name} is number {i} of the generated corpus.\nIt does nothing."
+        ))
+        .url("https://example.org/kiln")
+        .vendor("kiln")
+        .build_host("bench")
+        .add_changelog_entry(
+            "Kiln Bench <bench@example.org> - 1.0-1",
+            "- Generated",
+            1_700_000_000u32,
+        );
+    b.with_file_contents(
+        format!("#!/bin/sh\necho {name}\n").into_bytes(),
+        FileOptions::new(format!("/usr/bin/{name}")).mode(0o100755),
+    )
+    .unwrap()
+    .with_file_contents(
+        format!("data of {name}\n").into_bytes(),
+        FileOptions::new(format!("/usr/share/{name}/data.txt")),
+    )
+    .unwrap();
+    if i > 0 {
+        b.requires(Dependency::greater_eq(format!("pkg{:05}", i - 1), "1.0"));
+    }
+    let pkg = b.build().unwrap();
+    let mut out = Vec::new();
+    pkg.write(&mut out).unwrap();
     out
 }

@@ -433,13 +433,11 @@ pub fn inspect(bytes: &[u8]) -> Result<RpmInfo, RpmError> {
         // createrepo_c makes equal times distinct by bumping the earlier-listed
         // (newer) entries; dnf shows them in this order.
         if last_time == t {
-            let mut tmp = t;
-            for prev in changelogs.iter_mut().rev().skip(1) {
+            for (tmp, prev) in (t..).zip(changelogs.iter_mut().rev().skip(1)) {
                 if prev.1 != tmp {
                     break;
                 }
                 prev.1 += 1;
-                tmp += 1;
             }
         } else {
             last_time = t;
@@ -776,7 +774,7 @@ impl RepodataCache {
     }
 }
 
-/// A package in a build: its fragments, where it is served, and their digest.
+/// A package in a build: its fragments, where it is served, and their identity.
 struct Entry<'a> {
     f: &'a Fragments,
     location: &'a str,
@@ -801,10 +799,21 @@ impl<'a> Entry<'a> {
         {
             return Err(RpmError::BadFragments("not a <package> element"));
         }
+        let pkgid = f
+            .filelists
+            .get(16..80)
+            .filter(|id| id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or(RpmError::BadFragments("filelists has no pkgid"))?;
+        // The identity of the fragments, without a second cryptographic pass over
+        // every byte (the open-checksums already make one): the pkgid is the RPM's
+        // SHA-256 and fragments are a function of the RPM, so colliding keys would
+        // need the same RPM; lengths and CRC32s catch fragments of one RPM rendered
+        // differently (another kiln version, edited by hand).
         let mut h = Sha256::new();
+        h.update(pkgid);
         for part in [&f.primary, &f.filelists, &f.other] {
             h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
+            h.update(crc32fast::hash(part.as_bytes()).to_le_bytes());
         }
         Ok(Entry {
             f,
@@ -914,27 +923,26 @@ pub fn build_repodata<'a>(
             format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n{open} packages=\"{n}\">\n")
         })
         .collect();
-    // The open-checksums need every byte of the XML: hash them on another core while
-    // the cache misses compress.
+    // The open-checksums need every byte of the XML (primary is most of it): hash
+    // primary on another core while the cache misses compress, then the others.
+    let open_checksum = |k: usize| {
+        let mut h = Sha256::new();
+        let mut size = heads[k].len() + KINDS[k].2.len();
+        h.update(&heads[k]);
+        for e in &list {
+            let s = part(e.f, k);
+            size += s.len();
+            h.update(s);
+        }
+        h.update(KINDS[k].2);
+        (<[u8; 32]>::from(h.finalize()), size)
+    };
     let (opens, compressed) = std::thread::scope(|scope| {
-        let opens = scope.spawn(|| {
-            (0..3)
-                .map(|k| {
-                    let mut h = Sha256::new();
-                    let mut size = heads[k].len() + KINDS[k].2.len();
-                    h.update(&heads[k]);
-                    for e in &list {
-                        let s = part(e.f, k);
-                        size += s.len();
-                        h.update(s);
-                    }
-                    h.update(KINDS[k].2);
-                    (<[u8; 32]>::from(h.finalize()), size)
-                })
-                .collect::<Vec<_>>()
-        });
+        let primary = scope.spawn(|| open_checksum(0));
         let compressed = super::par_map(&missing, |(_, c)| compress_chunk(c));
-        (opens.join().expect("open-checksum thread"), compressed)
+        let rest = [open_checksum(1), open_checksum(2)];
+        let primary = primary.join().expect("open-checksum thread");
+        ([primary, rest[0], rest[1]], compressed)
     });
     for ((k, _), c) in missing.iter().zip(compressed) {
         cache.chunks.insert(*k, Arc::new(c?));
@@ -1078,8 +1086,7 @@ true
 "#;
 
     fn run(cmd: &mut Command) -> Output {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        out
+        cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
     }
 
     fn ok(cmd: &mut Command) -> String {
@@ -1276,7 +1283,7 @@ true
                 let fr = &info.fragments;
                 let re = |s: &str| s.replace("kilnhello", &format!("filler{i:03}"));
                 Fragments {
-                    primary: re(&fr.primary).replace("Packages/f/", "Packages/f/"),
+                    primary: re(&fr.primary).replace("Packages/k/filler", "Packages/f/filler"),
                     filelists: re(&fr.filelists),
                     other: re(&fr.other),
                 }
