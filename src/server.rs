@@ -283,7 +283,6 @@ pub(crate) fn routes(max_upload_bytes: u64) -> crate::web::Routes {
         .post("/api/v1/buildroots/{name}/refresh", refresh_buildroot)
         .put("/api/v1/buildroots/{name}/import", import_buildroot)
         .get("/repos/{project}/key.asc", repo_key)
-        .get("/repos/{project}/{repo}", dnf_repo_file)
         .get("/repos/{project}/{repo}/{*path}", repo_file)
         .get("/cas/sha256/{hex}", get_blob)
         .merge(crate::web::routes())
@@ -1086,30 +1085,33 @@ async fn repo_key(State(hub): State<Arc<Hub>>, Path(project): Path<String>) -> A
         .into_response())
 }
 
-/// `/repos/P/R.repo`: the `.repo` file dnf users drop into
-/// /etc/yum.repos.d/. Public, like the repo.
-async fn dnf_repo_file(
-    State(hub): State<Arc<Hub>>,
-    Path((project, file)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    let repo = file.strip_suffix(".repo").ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "/repos/{project}/{file}: a repo's files are under /repos/{project}/{file}/, its dnf set-up at /repos/{project}/{file}.repo"
-        ))
-    })?;
-    hub.db
-        .repo(&project, repo)?
-        .ok_or_else(|| ApiError::NotFound(format!("repo {project}/{repo} not found")))?;
-    let s = crate::repos::sources(&base_url(&hub, &headers), &project, repo);
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        )],
-        s.dnf_repo,
-    )
-        .into_response())
+/// `/repos/P/R.repo` (it shares its path with the repo's web page, which
+/// hands it here): the `.repo` file dnf users drop into
+/// /etc/yum.repos.d/. Public, like the repo. None when `file` names no
+/// repo that way (a repo named `x.repo` keeps its page).
+pub(crate) fn dnf_repo_file(
+    hub: &Hub,
+    project: &str,
+    file: &str,
+    headers: &HeaderMap,
+) -> Result<Option<Response>, DbError> {
+    let Some(repo) = file.strip_suffix(".repo") else {
+        return Ok(None);
+    };
+    if hub.db.repo(project, file)?.is_some() || hub.db.repo(project, repo)?.is_none() {
+        return Ok(None);
+    }
+    let s = crate::repos::sources(&base_url(hub, headers), project, repo);
+    Ok(Some(
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            s.dnf_repo,
+        )
+            .into_response(),
+    ))
 }
 
 async fn repo_file(

@@ -641,7 +641,10 @@ pub async fn repo(
     State(hub): State<Arc<Hub>>,
     Path((project, name)): Path<(String, String)>,
     headers: HeaderMap,
-) -> WebResult {
+) -> WebResult<axum::response::Response> {
+    if let Some(file) = crate::server::dnf_repo_file(&hub, &project, &name, &headers)? {
+        return Ok(file);
+    }
     viewer.read(&hub, &format!("/repos/{project}/{name}"))?;
     let repo = hub
         .db
@@ -691,7 +694,8 @@ pub async fn repo(
                 }
             }
         },
-    ))
+    )
+    .into_response())
 }
 
 pub async fn buildroots(viewer: Viewer, State(hub): State<Arc<Hub>>) -> WebResult {

@@ -41,7 +41,8 @@ A small C program kiln's tests build.
 cp %{SOURCE0} .
 
 %build
-gcc -O2 -o kiln-hello hello.c
+# Static: the test's installroot has no C library to satisfy libc.so.6.
+gcc -O2 -static -o kiln-hello hello.c
 
 %check
 ./kiln-hello | grep -q 'hello from kiln'
@@ -285,7 +286,8 @@ async fn rpms_build_publish_signed_and_install_with_real_dnf() {
         "{log}"
     );
     wait_published(&h, "kiln-greeter").await;
-    let o = dnf.run(&["install", "kiln-greeter"]);
+    // (--refresh: the metadata dnf cached a moment ago has not expired.)
+    let o = dnf.run(&["--refresh", "install", "kiln-greeter"]);
     assert!(o.status.success(), "{}", text(&o));
     let greeting =
         std::fs::read_to_string(dnf.root.join("usr/share/kiln-greeter/greeting")).unwrap();
