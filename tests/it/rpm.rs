@@ -425,7 +425,9 @@ async fn bad_rpm_sources_fail_clearly_and_publish_nothing(h: &TestHub, tmp: &Pat
 
     // A spec that does not parse, a missing Source, an arch the target lacks:
     // the build fails with rpmbuild's own words in the log.
-    let cases: [(&str, String, &[(&str, &str)], &str); 3] = [
+    // (dir, spec, files beside it, what the log must say)
+    type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 3] = [
         (
             "broken",
             "Name: kiln-broken\nVersion: 1\nRelease: 1\nSummary: x\nLicense: MIT\nBogusTag: 1\n%description\nx\n%files\n"
