@@ -570,17 +570,15 @@ async fn run_deb(
     cancel: CancellationToken,
 ) -> Result<sandbox::Outcome, sandbox::SandboxError> {
     use std::io::Write as _;
-    let prepare = |what: &str| {
-        let what = what.to_string();
-        move |source| sandbox::SandboxError::Prepare { what, source }
-    };
-    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(prepare("duplicating the log fd"));
-    let mut note = std::fs::File::from(dup(&log)?);
+    let mut note = std::fs::File::from(
+        log.try_clone()
+            .map_err(step_err("duplicating the log fd"))?,
+    );
     let mut spec = spec.clone();
     let project = match target {
         Some(t) => project_repo(hub, t, inputs, &work.join("project-repo"))
             .await
-            .map_err(prepare("writing the project repo's index"))?,
+            .map_err(step_err("writing the project repo's index"))?,
         None => Default::default(),
     };
     if !project.is_empty() {
@@ -599,24 +597,15 @@ async fn run_deb(
         });
     }
     let deps_out = work.join("deps");
-    std::fs::create_dir_all(&deps_out).map_err(prepare("creating the deps dir"))?;
-    let resolve = Spec {
-        out_dir: deps_out.clone(),
-        argv: vec![
-            "/bin/sh".into(),
-            "-e".into(),
-            "-c".into(),
-            crate::kinds::DEB_RESOLVE_SCRIPT.into(),
-        ],
-        ..spec.clone()
-    };
     let _ = writeln!(note, "kiln: resolving Build-Depends");
-    let o = sandbox::run(
-        &hub.kiln_exe,
-        &resolve,
+    let o = first_step(
+        hub,
+        &spec,
+        crate::kinds::DEB_RESOLVE_SCRIPT,
+        &deps_out,
         &work.join("resolve"),
-        dup(&log)?,
-        cancel.clone(),
+        &log,
+        &cancel,
     )
     .await?;
     if !o.success() {
@@ -650,6 +639,36 @@ async fn run_deb(
     sandbox::run(&hub.kiln_exe, &spec, work, log, cancel).await
 }
 
+/// Why a step of a two-step task could not be set up.
+fn step_err(what: &str) -> impl FnOnce(std::io::Error) -> sandbox::SandboxError {
+    let what = what.to_string();
+    move |source| sandbox::SandboxError::Prepare { what, source }
+}
+
+/// The first step of a two-step task (`deb`, `rpm`): `script` in `sh -e`
+/// on a fresh view of the task's root, writing into `out` (made here) as
+/// `$KILN_OUT`, its output into the task's log.
+async fn first_step(
+    hub: &Arc<Hub>,
+    spec: &Spec,
+    script: &str,
+    out: &Path,
+    run: &Path,
+    log: &std::os::fd::OwnedFd,
+    cancel: &CancellationToken,
+) -> Result<sandbox::Outcome, sandbox::SandboxError> {
+    std::fs::create_dir_all(out).map_err(step_err("creating the step's output dir"))?;
+    let step = Spec {
+        out_dir: out.to_owned(),
+        argv: ["/bin/sh", "-e", "-c", script].map(String::from).to_vec(),
+        ..spec.clone()
+    };
+    let fd = log
+        .try_clone()
+        .map_err(step_err("duplicating the log fd"))?;
+    sandbox::run(&hub.kiln_exe, &step, run, fd, cancel.clone()).await
+}
+
 /// An `rpm` task in two offline sandbox runs on fresh views of its
 /// buildroot, as Koji does it: make the source RPM from the spec (skipped
 /// for an uploaded `.src.rpm`), then rebuild it into binary RPMs for the
@@ -666,12 +685,10 @@ async fn run_rpm(
     cancel: CancellationToken,
 ) -> Result<sandbox::Outcome, sandbox::SandboxError> {
     use std::io::Write as _;
-    let prepare = |what: &str| {
-        let what = what.to_string();
-        move |source| sandbox::SandboxError::Prepare { what, source }
-    };
-    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(prepare("duplicating the log fd"));
-    let mut note = std::fs::File::from(dup(&log)?);
+    let mut note = std::fs::File::from(
+        log.try_clone()
+            .map_err(step_err("duplicating the log fd"))?,
+    );
     let Some(t) = target else {
         return Ok(sandbox::Outcome::Infra(
             "an rpm task needs a target with a buildroot".into(),
@@ -699,24 +716,15 @@ async fn run_rpm(
         }
         None => {
             let out = work.join("srpm");
-            std::fs::create_dir_all(&out).map_err(prepare("creating the srpm dir"))?;
-            let phase1 = Spec {
-                out_dir: out.clone(),
-                argv: vec![
-                    "/bin/sh".into(),
-                    "-e".into(),
-                    "-c".into(),
-                    crate::kinds::RPM_SRPM_SCRIPT.into(),
-                ],
-                ..spec.clone()
-            };
             let _ = writeln!(note, "kiln: making the source RPM from the spec");
-            let o = sandbox::run(
-                &hub.kiln_exe,
-                &phase1,
+            let o = first_step(
+                hub,
+                &spec,
+                crate::kinds::RPM_SRPM_SCRIPT,
+                &out,
                 &work.join("srpm-run"),
-                dup(&log)?,
-                cancel.clone(),
+                &log,
+                &cancel,
             )
             .await?;
             if !o.success() {
@@ -737,15 +745,15 @@ async fn run_rpm(
     };
     // BuildRequires from the project's repo.
     let requires = std::fs::read(&srpm)
-        .map_err(prepare("reading the source RPM"))
+        .map_err(step_err("reading the source RPM"))
         .and_then(|b| {
             crate::publish::rpm::inspect(&b)
                 .map(|i| i.requires)
-                .map_err(|e| prepare("reading the source RPM")(std::io::Error::other(e)))
+                .map_err(|e| step_err("reading the source RPM")(std::io::Error::other(e)))
         })?;
     let repo = match inputs {
         Inputs::Hub => target_repo_rpms(hub, t)
-            .map_err(|e| prepare("reading the project repo")(std::io::Error::other(e)))?,
+            .map_err(|e| step_err("reading the project repo")(std::io::Error::other(e)))?,
         Inputs::Remote {
             client,
             task,
@@ -753,11 +761,11 @@ async fn run_rpm(
         } => client
             .worker_repo_rpms(task, fence)
             .await
-            .map_err(|e| prepare("reading the project repo")(std::io::Error::other(e)))?,
+            .map_err(|e| step_err("reading the project repo")(std::io::Error::other(e)))?,
     };
     let picked = crate::repos::build_requires(&repo, &requires);
     let deps = work.join("rpms");
-    std::fs::create_dir_all(&deps).map_err(prepare("creating the rpms dir"))?;
+    std::fs::create_dir_all(&deps).map_err(step_err("creating the rpms dir"))?;
     for p in &picked {
         let dest = deps.join(p.location.rsplit('/').next().unwrap_or(&p.location));
         match inputs {
@@ -765,14 +773,14 @@ async fn run_rpm(
                 let bytes = hub
                     .cas
                     .get_bytes(&p.digest)
-                    .map_err(|e| prepare("reading a project RPM")(std::io::Error::other(e)))?;
-                std::fs::write(&dest, bytes).map_err(prepare("writing a project RPM"))?;
+                    .map_err(|e| step_err("reading a project RPM")(std::io::Error::other(e)))?;
+                std::fs::write(&dest, bytes).map_err(step_err("writing a project RPM"))?;
             }
             Inputs::Remote { client, .. } => {
                 client
                     .worker_download(&p.digest, &dest)
                     .await
-                    .map_err(|e| prepare("downloading a project RPM")(std::io::Error::other(e)))?;
+                    .map_err(|e| step_err("downloading a project RPM")(std::io::Error::other(e)))?;
             }
         }
         let _ = writeln!(

@@ -1208,23 +1208,22 @@ impl Db {
     }
 
     pub fn repo_debs(&self, project: &str, repo: &str) -> Result<Vec<RepoDeb>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(REPO_DEBS)?;
-        let mut out = Vec::new();
-        for row in t.range((project, repo, "")..)? {
-            let (k, v) = row?;
-            let (kp, kr, _) = k.value();
-            if kp != project || kr != repo {
-                break;
-            }
-            out.push(dec(v.value())?);
-        }
-        Ok(out)
+        self.repo_members(REPO_DEBS, project, repo)
     }
 
     pub fn repo_rpms(&self, project: &str, repo: &str) -> Result<Vec<RepoRpm>> {
+        self.repo_members(REPO_RPMS, project, repo)
+    }
+
+    /// Every record of a (project, repo, key) table under one repo.
+    fn repo_members<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<(&str, &str, &str), &[u8]>,
+        project: &str,
+        repo: &str,
+    ) -> Result<Vec<T>> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(REPO_RPMS)?;
+        let t = tx.open_table(table)?;
         let mut out = Vec::new();
         for row in t.range((project, repo, "")..)? {
             let (k, v) = row?;

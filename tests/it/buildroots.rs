@@ -277,7 +277,7 @@ async fn bad_buildroot_target_and_source_requests_name_what_is_wrong() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("neither kiln.toml, debian/control nor a .dsc"),
+            .contains("no kiln.toml, debian/control, .spec, .src.rpm or .dsc"),
         "{err}"
     );
     // A Debian tree in a project without a buildroot target.

@@ -248,7 +248,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     expect(
         submit_raw(raw_tar(&[("README", T::Regular, b"hi", None)])).await,
         400,
-        &["neither kiln.toml, debian/control nor a .dsc"],
+        &["no kiln.toml, debian/control, .spec, .src.rpm or .dsc"],
     );
     let ok_toml: &[u8] = b"[build]\nscript = \"true\"\n";
     // Unsafe paths: 400 naming the path.
