@@ -154,15 +154,7 @@ fn deb_case(rounds: usize) {
         let _ = std::fs::remove_dir_all(w.join(format!("kiln-add-{round}")));
     }
 
-    let median = |name: &str| -> Option<f64> {
-        let mut v: Vec<f64> = times
-            .get(name)?
-            .iter()
-            .map(|d| d.as_secs_f64() * 1e3)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        Some(v[v.len() / 2])
-    };
+    let median = |name: &str| median_ms(&times, name);
     println!("\nmedians over {rounds} rounds, {N} packages (ms):");
     let kf = median("kiln full").unwrap();
     let ka = median("kiln add-one").unwrap();
@@ -629,15 +621,7 @@ fn rpm_case(rounds: usize) {
         let _ = std::fs::remove_dir_all(w.join(format!("kiln-add-{round}")));
     }
 
-    let median = |name: &str| -> Option<f64> {
-        let mut v: Vec<f64> = times
-            .get(name)?
-            .iter()
-            .map(|d| d.as_secs_f64() * 1e3)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        Some(v[v.len() / 2])
-    };
+    let median = |name: &str| median_ms(&times, name);
     println!("\nrpm: medians over {rounds} rounds, {N} packages (ms):");
     let kf = median("kiln full").unwrap();
     let ka = median("kiln add-one").unwrap();
@@ -787,4 +771,15 @@ fn make_rpm(name: &str, i: usize) -> Vec<u8> {
     let mut out = Vec::new();
     pkg.write(&mut out).unwrap();
     out
+}
+
+/// The median of `name`'s recorded times, in milliseconds.
+fn median_ms(times: &HashMap<String, Vec<Duration>>, name: &str) -> Option<f64> {
+    let mut v: Vec<f64> = times
+        .get(name)?
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
