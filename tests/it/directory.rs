@@ -448,5 +448,21 @@ async fn worker_inputs_need_a_credential_and_refuse_bad_requests() {
         .await
         .unwrap_err();
     assert_eq!(e.status(), Some(409), "{e}");
+    // So does the list of its repo's RPMs (for BuildRequires).
+    assert!(
+        h.client
+            .worker_repo_rpms(l.task.id, l.fence)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let e = h
+        .client
+        .worker_repo_rpms(l.task.id, l.fence + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let e = anon.worker_repo_rpms(l.task.id, l.fence).await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
     h.stop().await;
 }

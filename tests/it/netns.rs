@@ -261,7 +261,10 @@ async fn a_debian_package_builds_on_a_worker_that_reaches_only_the_hub() {
     .await;
     let port = h.running.as_ref().unwrap().tls_addr.unwrap().port();
     use crate::debian::{add_bookworm_target, bookworm, chain_a, chain_b};
-    h.client.create_buildroot(&bookworm(&mirror)).await.unwrap();
+    // With Debian's rpm too, for the RPM builds at the end.
+    let mut root = bookworm(&mirror);
+    root.include = vec!["rpm".into()];
+    h.client.create_buildroot(&root).await.unwrap();
     crate::debian::wait_ready(&h, "bookworm").await;
     add_bookworm_target(&h).await;
 
@@ -355,6 +358,64 @@ async fn a_debian_package_builds_on_a_worker_that_reaches_only_the_hub() {
     );
     assert_eq!(mirror_debs(), debs_before);
     assert_eq!(copies(), 1);
+
+    // RPMs on the worker: kiln-greeter build-requires kiln-hello, which
+    // the worker gets from the hub's list of the project's RPMs, by digest.
+    h.client
+        .add_target(
+            "rpm",
+            &kiln::server::TargetRequest {
+                name: "el".into(),
+                buildroot: "bookworm".into(),
+                arch: "amd64".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    use crate::rpm::{GREETER_SPEC, HELLO_C, HELLO_SPEC, spec_tree};
+    let hello = spec_tree(
+        &src.join("hello"),
+        "kiln-hello.spec",
+        HELLO_SPEC,
+        &[("hello.c", HELLO_C)],
+    );
+    let greeter = spec_tree(&src.join("greeter"), "kiln-greeter.spec", GREETER_SPEC, &[]);
+    for (dir, name, expect) in [
+        (hello, "kiln-hello", "kiln-test: check passed"),
+        (
+            greeter,
+            "kiln-greeter",
+            "BuildRequires: kiln-hello-1.0-1.x86_64 from repo rpm/el",
+        ),
+    ] {
+        let b = h.client.submit_dir(&dir, Some("rpm"), None).await.unwrap();
+        let v = h.client.wait(b.id, Duration::from_secs(900)).await.unwrap();
+        let build_log = h.client.log_text(b.id).await.unwrap();
+        assert_eq!(
+            v.detail.build.state,
+            BuildState::Succeeded,
+            "{build_log}\nworker:\n{}",
+            logs()
+        );
+        assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w3"));
+        assert!(build_log.contains(expect), "{build_log}");
+        // Published (and signed on the hub: the worker holds no key).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = h.client.repo("rpm", "el").await.unwrap();
+            if r.rpms.iter().any(|p| p.name == name) && r.repo.published_revision == r.repo.revision
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never published"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(mirror_debs(), debs_before);
     let _ = worker.kill();
     let _ = worker.wait();
     h.stop().await;

@@ -22,11 +22,11 @@ const MIRROR: &str = "http://deb.debian.org";
 const PROJECT: &str = "rpm";
 const REPO: &str = "el";
 
-const HELLO_C: &str =
+pub(crate) const HELLO_C: &str =
     "#include <stdio.h>\nint main(void) { puts(\"hello from kiln\"); return 0; }\n";
 
 /// `kiln-hello`: a C program, checked in %check. Its Summary needs escaping.
-const HELLO_SPEC: &str = "Name: kiln-hello
+pub(crate) const HELLO_SPEC: &str = "Name: kiln-hello
 Version: 1.0
 Release: 1
 Summary: Says hello <from> kiln & friends
@@ -61,7 +61,7 @@ install -D -m755 kiln-hello %{buildroot}/usr/bin/kiln-hello
 
 /// `kiln-greeter`: runs kiln-hello at build time, so it can only build
 /// with kiln-hello installed from the project's repo.
-const GREETER_SPEC: &str = "Name: kiln-greeter
+pub(crate) const GREETER_SPEC: &str = "Name: kiln-greeter
 Version: 2.0
 Release: 3
 Summary: A greeting made by kiln-hello
@@ -83,7 +83,12 @@ install -D -m644 greeting %{buildroot}/usr/share/kiln-greeter/greeting
 /usr/share/kiln-greeter/greeting
 ";
 
-fn spec_tree(dir: &Path, spec_name: &str, spec: &str, files: &[(&str, &str)]) -> PathBuf {
+pub(crate) fn spec_tree(
+    dir: &Path,
+    spec_name: &str,
+    spec: &str,
+    files: &[(&str, &str)],
+) -> PathBuf {
     let mut tree = vec![(spec_name, spec, 0o644)];
     tree.extend(files.iter().map(|(p, c)| (*p, *c, 0o644)));
     write_tree(dir, &tree);
