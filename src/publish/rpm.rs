@@ -969,7 +969,8 @@ pub fn build_repodata<'a>(
         }
         gz.extend_from_slice(&gzip(close.as_bytes())?);
         let len = gz.len();
-        let sha = hex::encode(Sha256::digest(&gz));
+        let sha256: [u8; 32] = Sha256::digest(&gz).into();
+        let sha = hex::encode(sha256);
         let href = format!("repodata/{sha}-{kind}.xml.gz");
         let (open_sha, open_size) = &opens[k];
         let _ = write!(
@@ -977,7 +978,12 @@ pub fn build_repodata<'a>(
             "  <data type=\"{kind}\">\n    <checksum type=\"sha256\">{sha}</checksum>\n    <open-checksum type=\"sha256\">{}</open-checksum>\n    <location href=\"{href}\"/>\n    <timestamp>{timestamp}</timestamp>\n    <size>{len}</size>\n    <open-size>{open_size}</open-size>\n  </data>\n",
             hex::encode(open_sha)
         );
-        files.push(RepoFile::new(href, gz.into()));
+        // (Hashed once: the name carries the same digest RepoFile keeps.)
+        files.push(RepoFile {
+            path: href,
+            data: gz.into(),
+            sha256,
+        });
     }
     repomd.push_str("</repomd>\n");
     let asc = key.detached_sign(repomd.as_bytes())?;
