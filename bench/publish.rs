@@ -72,12 +72,6 @@ fn deb_case(rounds: usize) {
     let w = work.path();
     let key = RepoKey::generate("kiln bench <bench@localhost>").unwrap();
 
-    let have = |tool: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     // KILN_BENCH_PEERS=reprepro,aptly picks peers (empty: kiln alone).
     let wanted = std::env::var("KILN_BENCH_PEERS")
         .unwrap_or_else(|_| "apt-ftparchive,reprepro,aptly".into());
@@ -542,10 +536,7 @@ fn rpm_case(rounds: usize) {
         .unwrap();
     let w = work.path();
     let key = RepoKey::generate("kiln bench <bench@localhost>").unwrap();
-    let have_createrepo = Command::new("createrepo_c")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let have_createrepo = have("createrepo_c");
     if !have_createrepo {
         println!("skipping createrepo_c: not installed");
     }
@@ -641,7 +632,7 @@ fn rpm_case(rounds: usize) {
     println!("  goals: full >= 1x, add-one >= 20x");
 }
 
-/// Reads and inspects every RPM on 2 threads (createrepo_c gets `--workers 2`),
+/// Reads and inspects every RPM on all cores (createrepo_c gets `--workers 2`),
 /// then builds and writes signed repodata.
 fn kiln_rpm_full(
     rpms: &[PathBuf],
@@ -649,24 +640,8 @@ fn kiln_rpm_full(
     out: &Path,
 ) -> (HashMap<[u8; 32], Fragments>, RepodataCache) {
     let t = Instant::now();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = rpms.len().div_ceil(threads);
-    let infos: Vec<RpmInfo> = std::thread::scope(|s| {
-        let handles: Vec<_> = rpms
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|p| rpm::inspect(&std::fs::read(p).unwrap()).unwrap())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
+    let infos: Vec<RpmInfo> =
+        pubapt::par_map(rpms, |p| rpm::inspect(&std::fs::read(p).unwrap()).unwrap());
     println!(
         "    (kiln scan of {} rpms: {:.1} ms)",
         rpms.len(),
@@ -782,4 +757,12 @@ fn median_ms(times: &HashMap<String, Vec<Duration>>, name: &str) -> Option<f64> 
         .collect();
     v.sort_by(f64::total_cmp);
     Some(v[v.len() / 2])
+}
+
+/// Whether `tool` is on PATH.
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

@@ -310,12 +310,17 @@ pub struct RepoRpm {
 }
 
 impl RepoRpm {
+    /// `[epoch:]version-release`.
+    pub fn evr(&self) -> String {
+        match self.epoch {
+            0 => format!("{}-{}", self.version, self.release),
+            e => format!("{e}:{}-{}", self.version, self.release),
+        }
+    }
+
     /// `name-[epoch:]version-release`.
     pub fn nevr(&self) -> String {
-        match self.epoch {
-            0 => format!("{}-{}-{}", self.name, self.version, self.release),
-            e => format!("{}-{e}:{}-{}", self.name, self.version, self.release),
-        }
+        format!("{}-{}", self.name, self.evr())
     }
 }
 

@@ -597,19 +597,17 @@ async fn run_deb(
         });
     }
     let deps_out = work.join("deps");
-    let _ = writeln!(note, "kiln: resolving Build-Depends");
     let o = first_step(
         hub,
         &spec,
+        "resolving Build-Depends",
         crate::kinds::DEB_RESOLVE_SCRIPT,
         &deps_out,
-        &work.join("resolve"),
         &log,
         &cancel,
     )
     .await?;
     if !o.success() {
-        let _ = writeln!(note, "kiln: resolving Build-Depends failed");
         return Ok(o);
     }
     let list = std::fs::read_to_string(deps_out.join(".kiln-deps")).unwrap_or_default();
@@ -647,26 +645,37 @@ fn step_err(what: &str) -> impl FnOnce(std::io::Error) -> sandbox::SandboxError 
 
 /// The first step of a two-step task (`deb`, `rpm`): `script` in `sh -e`
 /// on a fresh view of the task's root, writing into `out` (made here) as
-/// `$KILN_OUT`, its output into the task's log.
+/// `$KILN_OUT` (its sandbox's scratch beside it, `out` + `-run`), its
+/// output into the task's log, which notes `what` it does and whether that
+/// failed.
 async fn first_step(
     hub: &Arc<Hub>,
     spec: &Spec,
+    what: &str,
     script: &str,
     out: &Path,
-    run: &Path,
     log: &std::os::fd::OwnedFd,
     cancel: &CancellationToken,
 ) -> Result<sandbox::Outcome, sandbox::SandboxError> {
+    use std::io::Write as _;
     std::fs::create_dir_all(out).map_err(step_err("creating the step's output dir"))?;
     let step = Spec {
         out_dir: out.to_owned(),
         argv: ["/bin/sh", "-e", "-c", script].map(String::from).to_vec(),
         ..spec.clone()
     };
-    let fd = log
-        .try_clone()
-        .map_err(step_err("duplicating the log fd"))?;
-    sandbox::run(&hub.kiln_exe, &step, run, fd, cancel.clone()).await
+    let run = out.with_file_name(format!(
+        "{}-run",
+        out.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let dup = || log.try_clone().map_err(step_err("duplicating the log fd"));
+    let mut note = std::fs::File::from(dup()?);
+    let _ = writeln!(note, "kiln: {what}");
+    let o = sandbox::run(&hub.kiln_exe, &step, &run, dup()?, cancel.clone()).await?;
+    if !o.success() {
+        let _ = writeln!(note, "kiln: {what} failed");
+    }
+    Ok(o)
 }
 
 /// An `rpm` task in two offline sandbox runs on fresh views of its
@@ -716,19 +725,17 @@ async fn run_rpm(
         }
         None => {
             let out = work.join("srpm");
-            let _ = writeln!(note, "kiln: making the source RPM from the spec");
             let o = first_step(
                 hub,
                 &spec,
+                "making the source RPM from the spec",
                 crate::kinds::RPM_SRPM_SCRIPT,
                 &out,
-                &work.join("srpm-run"),
                 &log,
                 &cancel,
             )
             .await?;
             if !o.success() {
-                let _ = writeln!(note, "kiln: making the source RPM failed");
                 return Ok(o);
             }
             let Some(made) = top_srpm(&out) else {

@@ -61,7 +61,7 @@ pub fn publish<'a>(
 /// Maps `f` over `items` on all cores, keeping order. Plain scoped std threads with an
 /// atomic work index: the loops here are embarrassingly parallel, which does not
 /// justify a dependency on rayon.
-pub(crate) fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+pub fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -686,7 +686,7 @@ pub async fn repo(
                     } }
                     @for p in &rpms { tr {
                         td { (p.name) }
-                        td { (p.nevr().trim_start_matches(&format!("{}-", p.name))) }
+                        td { (p.evr()) }
                         td { (p.arch) }
                         td.num { (fmt_size(p.size)) }
                         td { a href={ "/builds/" (p.build) } { (p.build) } }

@@ -95,6 +95,27 @@ impl Drop for Netns {
     }
 }
 
+/// Submits `dir` to `project`, waits for the build and checks it
+/// succeeded (the worker's log at `worker_log` shown if not); returns the
+/// build and its log.
+async fn built(
+    h: &TestHub,
+    dir: &std::path::Path,
+    project: &str,
+    worker_log: &PathBuf,
+) -> (kiln::server::BuildView, String) {
+    let b = h.client.submit_dir(dir, Some(project), None).await.unwrap();
+    let v = h.client.wait(b.id, Duration::from_secs(900)).await.unwrap();
+    let build_log = h.client.log_text(b.id).await.unwrap();
+    assert_eq!(
+        v.detail.build.state,
+        BuildState::Succeeded,
+        "{build_log}\nworker:\n{}",
+        read(worker_log)
+    );
+    (v, build_log)
+}
+
 fn read(p: &PathBuf) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -279,30 +300,17 @@ async fn a_debian_package_builds_on_a_worker_that_reaches_only_the_hub() {
     let (data, log) = (dir.path().join("d3"), dir.path().join("w3.log"));
     let token = h.client.create_worker_token("w3").await.unwrap().token;
     let mut worker = ns.worker(port, &token, "w3", &data, &log);
-    let logs = || read(&log);
 
     let src = dir.path().join("src");
     chain_a(&src.join("a"));
-    let a = h
-        .client
-        .submit_dir(&src.join("a"), Some("deb"), None)
-        .await
-        .unwrap();
-    let v = h.client.wait(a.id, Duration::from_secs(900)).await.unwrap();
-    let build_log = h.client.log_text(a.id).await.unwrap();
-    assert_eq!(
-        v.detail.build.state,
-        BuildState::Succeeded,
-        "{build_log}\nworker:\n{}",
-        logs()
-    );
+    let (v, build_log) = built(&h, &src.join("a"), "deb", &log).await;
     assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w3"));
     assert!(
         build_log.contains("buildroot bookworm (generation 1): downloaded from the hub"),
         "{build_log}"
     );
     assert!(build_log.contains("downloaded ("), "{build_log}");
-    let arts = h.client.artifacts(a.id).await.unwrap();
+    let arts = h.client.artifacts(v.detail.build.id).await.unwrap();
     assert!(
         arts.iter()
             .any(|a| a.path.ends_with("kiln-chain-a_1.0_all.deb")),
@@ -333,19 +341,7 @@ async fn a_debian_package_builds_on_a_worker_that_reaches_only_the_hub() {
     let debs_before = mirror_debs();
     crate::debian::wait_published(&h, "kiln-chain-a").await;
     chain_b(&src.join("b"));
-    let b = h
-        .client
-        .submit_dir(&src.join("b"), Some("deb"), None)
-        .await
-        .unwrap();
-    let v = h.client.wait(b.id, Duration::from_secs(900)).await.unwrap();
-    let build_log = h.client.log_text(b.id).await.unwrap();
-    assert_eq!(
-        v.detail.build.state,
-        BuildState::Succeeded,
-        "{build_log}\nworker:\n{}",
-        logs()
-    );
+    let (_, build_log) = built(&h, &src.join("b"), "deb", &log).await;
     assert!(
         build_log.contains("buildroot bookworm (generation 1): this worker's copy"),
         "{build_log}"
@@ -389,31 +385,11 @@ async fn a_debian_package_builds_on_a_worker_that_reaches_only_the_hub() {
             "BuildRequires: kiln-hello-1.0-1.x86_64 from repo rpm/el",
         ),
     ] {
-        let b = h.client.submit_dir(&dir, Some("rpm"), None).await.unwrap();
-        let v = h.client.wait(b.id, Duration::from_secs(900)).await.unwrap();
-        let build_log = h.client.log_text(b.id).await.unwrap();
-        assert_eq!(
-            v.detail.build.state,
-            BuildState::Succeeded,
-            "{build_log}\nworker:\n{}",
-            logs()
-        );
+        let (v, build_log) = built(&h, &dir, "rpm", &log).await;
         assert_eq!(v.detail.task_list[0].worker.as_deref(), Some("w3"));
         assert!(build_log.contains(expect), "{build_log}");
         // Published (and signed on the hub: the worker holds no key).
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = h.client.repo("rpm", "el").await.unwrap();
-            if r.rpms.iter().any(|p| p.name == name) && r.repo.published_revision == r.repo.revision
-            {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{name} never published"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::rpm::wait_published(&h, name).await;
     }
     assert_eq!(mirror_debs(), debs_before);
     let _ = worker.kill();

@@ -133,8 +133,8 @@ async fn wait_build(h: &TestHub, id: u64) -> (kiln::server::BuildView, String) {
     (v, log)
 }
 
-/// Waits until the repo serves `name`, published.
-async fn wait_published(h: &TestHub, name: &str) -> kiln::server::RepoView {
+/// Waits until repo rpm/el serves `name`, published.
+pub(crate) async fn wait_published(h: &TestHub, name: &str) -> kiln::server::RepoView {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = h.client.repo(PROJECT, REPO).await.unwrap();
